@@ -1,0 +1,22 @@
+"""gptforge: pretrain, generate from and serve GPT-3-architecture language models.
+
+The public Python API is small:
+
+    import gptforge
+    lm = gptforge.load("runs/demo")       # a run directory or one checkpoint directory
+    lm.model(tokens)                       # (B, T) int64 -> logits (B, T, vocab_size)
+    lm.tokenizer.encode("text")
+    lm.generate("def main(", max_new_tokens=50)
+"""
+
+from gptforge.errors import GptforgeError
+
+__version__ = "0.1.0"
+__all__ = ["GptforgeError", "load", "__version__"]
+
+
+def load(path, *, device: str = "cpu"):
+    """Load a trained model; see `gptforge.api.load` (imported lazily to keep `import gptforge` light)."""
+    from gptforge.api import load as _load
+
+    return _load(path, device=device)

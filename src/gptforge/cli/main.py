@@ -1,0 +1,173 @@
+"""The `gptforge` command: prepare, pretrain, generate, demo.
+
+Each subcommand maps to one function whose docstring is its help text. Bad input of any kind ends with a
+one-line `error: ...` message and exit status 2, never a traceback. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gptforge.errors import GptforgeError
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Tokenize a corpus into train/val token files plus the tokenizer and meta.json."""
+    from gptforge.data.prepare import prepare
+
+    meta = prepare(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, text_field=args.text_field, progress=not args.quiet)
+    print(f"prepared {meta['documents']} documents, {meta['bytes']:,} bytes -> {meta['tokens']['train']:,} train "
+          f"+ {meta['tokens']['val']:,} val tokens ({meta['tokenizer']}, vocab {meta['vocab_size']}, "
+          f"{meta['dtype']}) in {args.out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
+    """Pretrain a GPT on prepared data; `--field value` overrides any config field."""
+    from gptforge.config import load_config, parse_overrides
+    from gptforge.train.loop import pretrain
+
+    if (args.preset is None) == (args.config is None):
+        raise GptforgeError("pretrain needs exactly one of --preset NAME or --config FILE")
+    cfg = load_config(preset=args.preset, path=args.config, overrides=parse_overrides(extra))
+    result = pretrain(cfg, args.data, args.out, progress=not args.quiet)
+    print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens) in {result.elapsed_s:.0f} s; "
+          f"val loss {result.val_loss:.4f}; checkpoint in {result.run_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text from a run directory (its latest checkpoint) or a checkpoint directory."""
+    import gptforge
+
+    lm = gptforge.load(args.run_dir, device=args.device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
+                  seed=args.seed)
+    prompts = args.prompt or [""]
+    if args.stream:
+        for i, prompt in enumerate(prompts):
+            if i:
+                print("\n" + "-" * 40)
+            sys.stdout.write(prompt)
+            for piece in lm.generate(prompt, stream=True, **kwargs):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return 0
+    for i, (prompt, text) in enumerate(zip(prompts, lm.generate(prompts, **kwargs))):
+        if i:
+            print("-" * 40)
+        print(prompt + text)
+    return 0
+
+
+DEMO_PROMPTS = {"python-stdlib": ["def ", "class ", "import "], "shakespeare": ["ROMEO:\n", "KING HENRY:\n", "\n"]}
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    """Prepare a corpus, pretrain the `demo` preset for a bounded time, then print val loss and samples."""
+    import gptforge
+    from gptforge.config import load_config, parse_overrides
+    from gptforge.data.prepare import prepare
+    from gptforge.train.loop import pretrain
+
+    out, data = Path(args.out), Path(args.out) / "data"
+    overrides = parse_overrides(extra)
+    if args.max_time_s is not None:
+        overrides.append(("max_time_s", args.max_time_s))
+    cfg = load_config(preset="demo", overrides=overrides)  # validate before the slow steps
+    print(f"[1/3] preparing corpus '{args.corpus}' (byte-level BPE, vocab {args.vocab_size}) into {data}")
+    meta = prepare(args.corpus, data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, progress=True)
+    print(f"      {meta['documents']} documents, {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} "
+          f"val tokens")
+    print(f"[2/3] pretraining the demo model (at most {cfg.train.max_steps} steps / {cfg.train.max_time_s:g} s)")
+    result = pretrain(cfg, data, out)
+    print(f"      {result.steps} steps, {result.tokens_seen:,} tokens in {result.elapsed_s:.0f} s; "
+          f"val loss {result.val_loss:.4f} nats/token")
+    print("[3/3] samples (temperature 0.8, top-k 50):")
+    lm = gptforge.load(out)
+    prompts = DEMO_PROMPTS.get(args.corpus, ["", "", ""])
+    for prompt, text in zip(prompts, lm.generate(prompts, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)):
+        print("-" * 60 + "\n" + prompt + text)
+    print("-" * 60 + f"\nrun directory: {out}\ntry: gptforge generate {out} --prompt \"{prompts[0]}\" --stream")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptforge", description="Pretrain and generate from GPT-3-architecture "
+                                     "language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help=cmd_prepare.__doc__, description=cmd_prepare.__doc__)
+    p.add_argument("--corpus", required=True, help="text file, folder, glob, .jsonl/.parquet file, "
+                   "'shakespeare' or 'python-stdlib'")
+    p.add_argument("--tokenizer", default="bpe", help="bpe, char, or a path to an existing tokenizer (default bpe)")
+    p.add_argument("--vocab_size", type=int, default=8192, help="BPE vocabulary size incl. <|endoftext|> (8192)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of tokens held out (0.1)")
+    p.add_argument("--text_field", default="text", help="record field holding the text, for .jsonl/.parquet")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=cmd_pretrain.__doc__ +
+                       " Example: gptforge pretrain --preset shakespeare-char --data data/sc --out runs/sc --max_steps 500")
+    p.add_argument("--preset", help="named config: gpt3-small ... gpt3-175b, debug, shakespeare-char, demo")
+    p.add_argument("--config", help="YAML config file (sections model, optim, train)")
+    p.add_argument("--data", required=True, help="data directory written by `gptforge prepare`")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("run_dir", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts (batched)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (0.8)")
+    p.add_argument("--top_k", type=int, default=0, help="0 means off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1.0 means off")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 means off")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (cpu)")
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p.add_argument("--corpus", default="python-stdlib", help="corpus as for prepare (python-stdlib)")
+    p.add_argument("--tokenizer", default="bpe", help="bpe or char (bpe)")
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--out", default="runs/demo", help="run directory (runs/demo)")
+    p.add_argument("--max_time_s", type=float, default=None, help="training time limit in seconds (300)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gptforge` console script; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command in ("pretrain", "demo"):
+            return {"pretrain": cmd_pretrain, "demo": cmd_demo}[args.command](args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return {"prepare": cmd_prepare, "generate": cmd_generate}[args.command](args)
+    except GptforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `gptforge generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except FileNotFoundError as exc:
+        print(f"error: file not found: {exc.filename}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"error: permission denied: {exc.filename}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,368 @@
+"""Typed run configuration: the single source of truth for every hyperparameter.
+
+Three sections, each a dataclass handed only to the component that owns it:
+`ModelConfig` (architecture), `OptimConfig` (AdamW and the lr/batch schedules) and `TrainConfig`
+(steps, batching, evaluation, checkpoints, device). Values come, in order, from the dataclass defaults,
+a named preset (`PRESETS`, the GPT-3 paper's Table 2.1 plus small CPU presets), a YAML file
+(sections `model:`, `optim:`, `train:`) and finally command-line overrides `--field value`,
+`--field=value` or `--section.field value`. Every field name is unique across sections, so the
+short form is unambiguous. Unknown names are errors that suggest the closest valid name.
+
+This module imports nothing else from gptforge but `errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptforge.errors import GptforgeError
+
+ATTENTION_KINDS = ("dense", "local")
+
+
+@dataclass
+class ModelConfig:
+    """GPT-3 architecture (Brown et al. 2020, section 2.1: GPT-2 with alternating dense/banded attention).
+
+    `d_head = d_model // n_head`; the MLP width is `4 * d_model`. `attention_pattern` is a comma-separated
+    cycle of "dense"/"local" applied over layers ("dense,local" alternates as in GPT-3); local layers attend
+    to the last `local_window` tokens (the paper gives no band width, so it is a setting). Each group of
+    `shared_layer_group` adjacent layers shares one set of weights (1 means no sharing).
+    """
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    context_length: int = 2048
+    dropout: float = 0.0
+    bias: bool = True
+    attention_pattern: str = "dense"
+    local_window: int = 256
+    shared_layer_group: int = 1
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    def layer_attention(self) -> list[str]:
+        """The attention kind ("dense" or "local") of each of the `n_layer` layers."""
+        cycle = [kind.strip() for kind in self.attention_pattern.split(",")]
+        return [cycle[i % len(cycle)] for i in range(self.n_layer)]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and schedules, defaults from the GPT-3 paper, Appendix B.
+
+    lr warms up linearly over `warmup_steps`, then follows a cosine from `lr` down to
+    `min_lr_ratio * lr` at step `lr_decay_steps` (0 means `max_steps`), then stays constant.
+    With `batch_ramp_tokens > 0` the global batch grows linearly from `batch_ramp_start_tokens`
+    to `global_batch_tokens` over the first `batch_ramp_tokens` training tokens (Appendix B: 32k tokens
+    up to the full batch over the first 4-12 billion tokens).
+    """
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 715
+    lr_decay_steps: int = 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    batch_ramp_start_tokens: int = 32768
+    batch_ramp_tokens: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: how long, how big a batch, how often to evaluate, log and checkpoint.
+
+    `global_batch_tokens` is the optimizer-step batch in tokens (0 means one micro-batch per step);
+    it must be a multiple of `micro_batch_size * context_length` (tokens per micro-step), and the
+    quotient is `grad_accum_steps`. `max_time_s` stops training early (0: no limit). `peak_flops`
+    is the machine's peak FLOP/s for MFU; 0 measures it with a matrix-multiply benchmark at start-up.
+    """
+
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    global_batch_tokens: int = 0
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    max_time_s: float = 0.0
+    peak_flops: float = 0.0
+
+
+@dataclass
+class Config:
+    """The whole run configuration; see the section classes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step to reach `global_batch_tokens` (derived, never set by hand)."""
+        return _grad_accum_steps(self, world_size)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+# field name -> section name; field names are unique across sections (checked at import).
+FIELD_SECTION = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+assert len(FIELD_SECTION) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values())
+
+
+def _gpt3(n_layer, d_model, n_head, batch_tokens, lr):
+    """One row of Table 2.1 plus the Appendix B recipe expressed in steps of that batch size.
+
+    Warmup covers 375M tokens, the cosine decays over 260B tokens and training runs 300B tokens.
+    """
+    context_length = 2048
+    return {
+        "model": dict(n_layer=n_layer, d_model=d_model, n_head=n_head, context_length=context_length,
+                      vocab_size=50257, attention_pattern="dense,local", local_window=256),
+        "optim": dict(lr=lr, warmup_steps=round(375e6 / batch_tokens), lr_decay_steps=round(260e9 / batch_tokens),
+                      batch_ramp_tokens=int(4e9)),
+        "train": dict(global_batch_tokens=batch_tokens, max_steps=round(300e9 / batch_tokens),
+                      micro_batch_size=1, checkpoint_interval=1000, eval_interval=1000),
+    }
+
+
+MTOK = 2**20  # the paper's "0.5M" batch is 2**19 = 524,288 tokens = 256 sequences of 2048
+# Table 2.1 of Brown et al. (2020). Two rows are inconsistent as printed and are resolved here by keeping
+# d_head = 128 and d_model fixed where that reproduces the published parameter count:
+#   GPT-3 XL: 24 heads x 128 != 2048 = d_model, so n_head = 16 (d_head 128; 1.3B parameters).
+#   GPT-3 13B: d_model 5140 is not divisible by 40 heads; d_model = 5120 = 40 x 128 (12.9B parameters).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt3-small": _gpt3(12, 768, 12, MTOK // 2, 6.0e-4),
+    "gpt3-medium": _gpt3(24, 1024, 16, MTOK // 2, 3.0e-4),
+    "gpt3-large": _gpt3(24, 1536, 16, MTOK // 2, 2.5e-4),
+    "gpt3-xl": _gpt3(24, 2048, 16, MTOK, 2.0e-4),
+    "gpt3-2.7b": _gpt3(32, 2560, 32, MTOK, 1.6e-4),
+    "gpt3-6.7b": _gpt3(32, 4096, 32, 2 * MTOK, 1.2e-4),
+    "gpt3-13b": _gpt3(40, 5120, 40, 2 * MTOK, 1.0e-4),
+    "gpt3-175b": _gpt3(96, 12288, 96, 1536 * 2048, 0.6e-4),
+    # Tiny model for tests and smoke runs.
+    "debug": {
+        "model": dict(n_layer=2, n_head=2, d_model=32, context_length=16, vocab_size=256),
+        "optim": dict(lr=1e-3, warmup_steps=5),
+        "train": dict(max_steps=20, micro_batch_size=4, eval_interval=10, eval_steps=2, log_interval=5,
+                      checkpoint_interval=10),
+    },
+    # Character-level Tiny Shakespeare: 4 layers, 4 heads, d_model 128, context 64, 12 sequences per step.
+    "shakespeare-char": {
+        "model": dict(n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=66),
+        "optim": dict(lr=1e-3, warmup_steps=100, beta2=0.99),
+        "train": dict(max_steps=2000, micro_batch_size=12, eval_interval=250, eval_steps=50, log_interval=50,
+                      checkpoint_interval=1000),
+    },
+    # `gptforge demo`: a small BPE model that learns visible structure in a few CPU minutes.
+    "demo": {
+        "model": dict(n_layer=4, n_head=4, d_model=192, context_length=128, vocab_size=4096),
+        "optim": dict(lr=2e-3, warmup_steps=50, beta2=0.99),
+        "train": dict(max_steps=1200, micro_batch_size=16, eval_interval=200, eval_steps=20, log_interval=20,
+                      checkpoint_interval=400, max_time_s=300.0),
+    },
+}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise naming the field."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str}[tp]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise GptforgeError(f"config: {name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise GptforgeError(f"config: {name} must be an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, (int, float)) and math.isfinite(number) and float(number).is_integer():
+            return int(number)
+        raise GptforgeError(f"config: {name} must be an integer, got {value!r}")
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise GptforgeError(f"config: {name} must be a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise GptforgeError(f"config: {name} must be a string, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    """Set `key` ("field" or "section.field") on `cfg`, converting the value to the field's type."""
+    section, _, name = key.rpartition(".")
+    if not section:
+        if name not in FIELD_SECTION:
+            raise GptforgeError(f"config: unknown field '{name}'{_closest(name, FIELD_SECTION)}")
+        section = FIELD_SECTION[name]
+    if section not in SECTIONS:
+        raise GptforgeError(f"config: unknown section '{section}' (allowed: {', '.join(SECTIONS)})")
+    sub = getattr(cfg, section)
+    types_ = {f.name: f.type for f in dataclasses.fields(sub)}
+    if name not in types_:
+        raise GptforgeError(f"config: unknown field '{section}.{name}'{_closest(name, types_)}")
+    setattr(sub, name, _coerce(value, types_[name], f"{section}.{name}"))
+
+
+def _apply_tree(cfg: Config, tree: dict[str, Any], origin: str) -> None:
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise GptforgeError(f"{origin}: unknown section '{section}'{_closest(section, SECTIONS)} "
+                                f"(allowed: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise GptforgeError(f"{origin}: section '{section}' must be a mapping of field: value")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Turn `["--lr", "1e-3", "--max_steps=10"]` into `[("lr", "1e-3"), ("max_steps", "10")]`.
+
+    Raises:
+        GptforgeError: an argument that is not `--key value` or `--key=value`.
+    """
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise GptforgeError(f"unexpected argument '{arg}' (overrides look like --field value or --field=value)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise GptforgeError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def load_config(*, preset: str | None = None, path: str | Path | None = None,
+                overrides: list[tuple[str, Any]] | None = None) -> Config:
+    """Build and validate a Config from a preset, a YAML file and overrides (applied in that order).
+
+    Raises:
+        GptforgeError: unknown preset, missing or malformed YAML, unknown field, or an invalid value.
+    """
+    cfg = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise GptforgeError(f"unknown preset '{preset}'{_closest(preset, PRESETS)} "
+                                f"(allowed: {', '.join(PRESETS)})")
+        _apply_tree(cfg, PRESETS[preset], f"preset {preset}")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GptforgeError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise GptforgeError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise GptforgeError(f"config file {path} must be a mapping with sections {', '.join(SECTIONS)}")
+        _apply_tree(cfg, tree, str(path))
+    for key, value in overrides or []:
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from `Config.to_dict()` output (e.g. a checkpoint's config.json)."""
+    cfg = Config()
+    _apply_tree(cfg, tree, "config")
+    validate(cfg)
+    return cfg
+
+
+def _grad_accum_steps(cfg: Config, world_size: int) -> int:
+    micro_tokens = cfg.train.micro_batch_size * cfg.model.context_length * world_size
+    if cfg.train.global_batch_tokens == 0:
+        return 1
+    if cfg.train.global_batch_tokens % micro_tokens:
+        raise GptforgeError(
+            f"config: train.global_batch_tokens={cfg.train.global_batch_tokens} must be a multiple of "
+            f"micro_batch_size * context_length * world_size = {micro_tokens}")
+    return cfg.train.global_batch_tokens // micro_tokens
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise GptforgeError(f"config: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Check every value; raise GptforgeError naming the first bad field and what is allowed."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_length", "local_window",
+                 "shared_layer_group"):
+        _check(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _check(m.d_model % m.n_head == 0, f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    kinds = [k.strip() for k in m.attention_pattern.split(",")]
+    _check(all(k in ATTENTION_KINDS for k in kinds),
+           f"model.attention_pattern={m.attention_pattern!r} must be a comma-separated list of "
+           f"{' / '.join(ATTENTION_KINDS)}")
+    _check(m.n_layer % m.shared_layer_group == 0,
+           f"model.shared_layer_group={m.shared_layer_group} must divide model.n_layer={m.n_layer}")
+    _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be > 0, got {o.lr}")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(o.lr_decay_steps >= 0, f"optim.lr_decay_steps must be >= 0 (0 means max_steps), got {o.lr_decay_steps}")
+    for name in ("beta1", "beta2"):
+        _check(0.0 <= getattr(o, name) < 1.0, f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    _check(o.batch_ramp_tokens >= 0 and o.batch_ramp_start_tokens >= 1,
+           "optim.batch_ramp_tokens must be >= 0 and optim.batch_ramp_start_tokens >= 1")
+    for name in ("max_steps", "micro_batch_size", "eval_interval", "eval_steps", "log_interval",
+                 "checkpoint_interval", "keep_checkpoints"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _check(t.global_batch_tokens >= 0, f"train.global_batch_tokens must be >= 0, got {t.global_batch_tokens}")
+    _check(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+           f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+    _check(t.max_time_s >= 0 and t.peak_flops >= 0, "train.max_time_s and train.peak_flops must be >= 0")
+    _grad_accum_steps(cfg, 1)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from gptforge.utils.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

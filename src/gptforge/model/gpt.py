@@ -1,0 +1,156 @@
+"""The GPT-3 model (Brown et al. 2020, section 2.1): GPT-2's architecture with optional banded layers.
+
+Legend: B batch, T tokens, D d_model, V vocab_size.
+Learned token and position embeddings, pre-LayerNorm blocks (attention, then a 4*D GELU MLP, each with a
+residual connection), a final LayerNorm and an output head tied to the token embedding. Initialisation
+follows GPT-2 (Radford et al. 2019): normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
+This module knows nothing about optimizers, checkpoints, sampling or parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptforge.config import ModelConfig
+from gptforge.errors import GptforgeError
+from gptforge.model.attention import CausalSelfAttention
+from gptforge.model.kv_cache import KVCache
+
+IGNORE_INDEX = -100
+
+
+class MLP(nn.Module):
+    """D -> 4D -> GELU (tanh approximation, as GPT-2) -> D."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); dropout on both branches."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), **attn_kwargs))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """GPT language model.
+
+    `blocks` holds `n_layer / shared_layer_group` distinct blocks; layer i uses block
+    `i // shared_layer_group`, so each group of adjacent layers shares weights. Names (`wte`, `wpe`,
+    `blocks.N`, `ln_f`) are stable so checkpoints survive refactors and resharding.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer // cfg.shared_layer_group))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied output head
+        self.windows = [cfg.local_window if kind == "local" else None for kind in cfg.layer_attention()]
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 initialisation; residual output projections get std 0.02 / sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Distinct trainable parameters (the tied head and shared layers counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None):
+        """Next-token logits.
+
+        Args:
+            tokens: (B, T) int64 token ids, T <= context_length (with a cache: T new tokens that fit in it).
+            targets: optional (B, T) int64 next-token ids; IGNORE_INDEX (-100) positions are skipped.
+            kv_cache: optional cache for incremental decoding; it is read, extended and advanced by T.
+
+        Returns:
+            logits (B, T, V) in the parameter dtype, or `(logits, loss)` with targets, where loss is the
+            mean cross-entropy (float32 scalar, nats per token) over non-ignored targets.
+
+        Raises:
+            GptforgeError: T exceeds context_length (or the cache's free slots).
+        """
+        B, T = tokens.shape
+        masks: dict[int | None, torch.Tensor | None] = {}
+        if kv_cache is None:
+            if T > self.cfg.context_length:
+                raise GptforgeError(f"input has {T} tokens; the model's context_length is {self.cfg.context_length}")
+            positions = torch.arange(T, device=tokens.device)  # (T,)
+        else:
+            if kv_cache.length + T > kv_cache.capacity:
+                raise GptforgeError(f"KV cache has {kv_cache.capacity - kv_cache.length} free slots, got {T} tokens")
+            positions = kv_cache.positions(T)  # (B, T)
+            masks = {w: kv_cache.attn_mask(T, w) for w in set(self.windows)}
+        x = self.drop(self.wte(tokens) + self.wpe(positions))  # (B, T, D)
+        group = self.cfg.shared_layer_group
+        for i, window in enumerate(self.windows):
+            x = self.blocks[i // group](x, window=window, layer=i, kv_cache=kv_cache, attn_mask=masks.get(window))
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a GPT with this config, computed without building it (works for 175B).
+
+    Per block: attention 4*D^2 (+4D biases), MLP 8*D^2 (+5D biases), two LayerNorms 2D (+2D biases);
+    plus token embedding V*D (tied with the head), position embedding context_length*D, final LayerNorm.
+    """
+    D, bias = cfg.d_model, int(cfg.bias)
+    block = 12 * D * D + 2 * D + bias * (9 * D + 2 * D)
+    distinct_blocks = cfg.n_layer // cfg.shared_layer_group
+    return cfg.vocab_size * D + cfg.context_length * D + distinct_blocks * block + D * (1 + bias)
+
+
+def flops_per_token(cfg: ModelConfig, context_length: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM-paper convention (Chowdhery et al. 2022, App. B).
+
+    6 * N for every matrix multiply with a parameter (N excludes the position embedding, a lookup; the tied
+    head is counted, it is a real matmul; shared layers are counted once per use), plus 12 * D * T_attn per
+    layer for the attention scores and the weighted sum, with T_attn the context (the band width for
+    banded layers). Units: FLOPs per token.
+    """
+    T = context_length or cfg.context_length
+    D = cfg.d_model
+    matmul_params = cfg.vocab_size * D + cfg.n_layer * 12 * D * D
+    attn = sum(12 * D * (min(T, cfg.local_window) if kind == "local" else T) for kind in cfg.layer_attention())
+    return 6.0 * matmul_params + attn

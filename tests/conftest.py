@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs, the shared real-data folder, and a byte-level mock tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.config import ModelConfig
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the repository (override with GPTFORGE_SHARED_DATA)."""
+    env = os.environ.get("GPTFORGE_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not (path / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """STYLE.md 3.7's unit-test size."""
+    return ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=256, context_length=16)
+
+
+class ByteTokenizer:
+    """Ids 0..255 are bytes, 256 is end-of-text: enough to test generation without a trained tokenizer."""
+
+    kind = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"" if token == self.eot_id else bytes([token])
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

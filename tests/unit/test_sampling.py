@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from gptforge.errors import GptforgeError
+from gptforge.generate.engine import StopTextBuffer
+from gptforge.generate.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
+                                        sample_next)
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+
+
+def test_top_k():
+    kept = filter_top_k(LOGITS, 2)
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    assert torch.equal(filter_top_k(LOGITS, 0), LOGITS) and torch.equal(filter_top_k(LOGITS, 99), LOGITS)
+
+
+@pytest.mark.parametrize("p,expected", [(0.5, [True, False, False, False]), (0.6, [True, True, False, False]),
+                                        (0.75, [True, True, False, False]), (0.76, [True, True, True, False]),
+                                        (0.01, [True, False, False, False]), (1.0, [True] * 4)])
+def test_top_p(p, expected):
+    assert torch.isfinite(filter_top_p(LOGITS, p)).tolist() == [expected]
+
+
+def test_top_p_keeps_best_token_even_if_unsorted():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    assert torch.isfinite(filter_top_p(logits, 0.001)).tolist() == [[False, True, False]]
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_greedy_and_seeded_sampling():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, SamplingParams(temperature=0)), logits.argmax(-1))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    params = SamplingParams(temperature=1.0, top_k=10)
+    a = [sample_next(logits, params, generator=g1) for _ in range(5)]
+    b = [sample_next(logits, params, generator=g2) for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    top10 = logits.topk(10, dim=-1).indices
+    assert all((top10 == t[:, None]).any(-1).all() for t in a)
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(torch.log(probs).expand(20000, 3), SamplingParams(temperature=1.0), generator=g)
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                dict(max_new_tokens=-1), dict(repetition_penalty=0), dict(stop=("",))])
+def test_invalid_params(kw):
+    with pytest.raises(GptforgeError):
+        SamplingParams(**kw)
+
+
+def test_stop_buffer_spanning_tokens_and_utf8():
+    buf = StopTextBuffer(("END",))
+    out = [buf.push(b) for b in [b"ab", b"E", b"N", b"x", b"\xc3", b"\xa9", b"E", b"ND", b"more"]]
+    assert "".join(out) == "abENx\u00e9" and buf.done
+    assert out[4] == "" and out[5] == "\u00e9"  # never half a character
+    assert out[1] == "" and out[2] == ""  # "E", "EN" held back until resolved
+    buf = StopTextBuffer(("\n\n",))
+    assert buf.push(b"a\n") == "a" and buf.flush() == "\n"
