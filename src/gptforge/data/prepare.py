@@ -61,7 +61,7 @@ def choose_dtype(vocab_size: int) -> str:
 
 
 def prepare(
-    corpus: str,
+    corpus: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     tokenizer: str = "bpe",
@@ -90,6 +90,7 @@ def prepare(
         GptforgeError: a bad argument, a missing or empty corpus, an unknown character for a reused
             char tokenizer, or a corpus too small to give both splits at least one token.
     """
+    corpus = os.fspath(corpus)
     out = Path(out_dir)
     _check_args(out, tokenizer, vocab_size, val_fraction)
     tok = _get_tokenizer(corpus, tokenizer, vocab_size, text_field, progress)

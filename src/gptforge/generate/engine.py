@@ -19,8 +19,8 @@ from gptforge.generate.sampling import SamplingParams, sample_next
 from gptforge.model.kv_cache import KVCache
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows -> tokens (B, L) int64 left-padded with pad_id, pad_lengths (B,) int64."""
+def _left_pad(rows: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows -> tokens (B, L) int64 left-padded with pad_id (hidden by the cache's mask), pad_lengths (B,) int64."""
     width = max(len(r) for r in rows)
     tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
     pads = torch.tensor([width - len(r) for r in rows], dtype=torch.long, device=device)
@@ -60,7 +60,7 @@ def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: Sampli
                     device=device, dtype=next(model.parameters()).dtype)
 
     def prefill(keep: int) -> torch.Tensor:
-        tokens, pads = _left_pad([r[-keep:] for r in rows], eot_id, device)
+        tokens, pads = _left_pad([r[-keep:] for r in rows], device)
         cache.reset(pads)
         return model(tokens, kv_cache=cache)[:, -1]  # (B, V)
 

@@ -1,0 +1,103 @@
+"""prepare -> pretrain -> generate through the real command line, on real text, plus every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gptforge
+
+
+def run(*args, env_extra=None, check=True):
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "gptforge", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A small BPE model trained for a few steps on the first 60 KB of Tiny Shakespeare."""
+    from conftest import shared_data_dir
+
+    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not src.is_file():
+        pytest.skip("shared data not found")
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "shakespeare_head.txt"
+    corpus.write_bytes(src.read_bytes()[:60_000])
+    run("prepare", "--corpus", corpus, "--tokenizer", "bpe", "--vocab_size", 512, "--out", root / "data", "--quiet")
+    run("pretrain", "--preset", "debug", "--data", root / "data", "--out", root / "run", "--max_steps", 30,
+        "--context_length", 32, "--d_model", 64, "--lr", "3e-3", "--checkpoint_interval", 20, "--quiet")
+    return root
+
+
+def test_pipeline_outputs(trained_run):
+    meta = json.loads((trained_run / "data" / "meta.json").read_text())
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 512 and meta["dtype"] == "uint16"
+    lines = [json.loads(line) for line in (trained_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 5 and {"train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(lines[0])
+    vals = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] < 6.3  # ln(512) = 6.24 at init; learning happened
+    assert lines[-1]["step"] == 30
+    ckpts = sorted(p.name for p in (trained_run / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000030"]
+    assert (trained_run / "run" / "latest").read_text().strip() == "step_00000030"
+    assert (trained_run / "run" / "config.yaml").is_file()
+
+
+def test_generate_cli_and_api_agree(trained_run):
+    run_dir = trained_run / "run"
+    proc = run("generate", run_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20, "--temperature", 0)
+    lm = gptforge.load(run_dir)
+    expected = "ROMEO:" + lm.generate("ROMEO:", max_new_tokens=20, temperature=0)
+    assert proc.stdout == expected + "\n"
+    streamed = run("generate", run_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20, "--temperature", 0, "--stream")
+    assert streamed.stdout == expected + "\n"
+    tokens = lm.tokenizer.encode("First Citizen:")
+    logits = lm.model(__import__("torch").tensor([tokens]))
+    assert logits.shape == (1, len(tokens), 512)
+
+
+def test_generate_seeded_and_batched(trained_run):
+    run_dir = trained_run / "run"
+    args = ["generate", run_dir, "--prompt", "To be", "--prompt", "KING:", "--max_new_tokens", 15, "--seed", 3,
+            "--top_k", 40, "--top_p", 0.9]
+    a, b = run(*args).stdout, run(*args).stdout
+    assert a == b and a.count("-" * 40) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prepare", "--corpus", "/no/such/file.txt", "--out", "{tmp}/d"], "corpus not found"),
+    (["prepare", "--corpus", "{tmp}/empty.txt", "--out", "{tmp}/d"], "empty"),
+    (["pretrain", "--preset", "debug", "--data", "{tmp}/nodata", "--out", "{tmp}/r"], "nodata"),
+    (["pretrain", "--preset", "debgu", "--data", "{run}/../data", "--out", "{tmp}/r"], "did you mean 'debug'"),
+    (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_heads", "2"],
+     "did you mean 'n_head'"),
+    (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_head", "3"],
+     "model.n_head=3 must divide"),
+    (["pretrain", "--data", "{run}/../data", "--out", "{tmp}/r"], "exactly one of --preset"),
+    (["generate", "{tmp}/missing_run", "--prompt", "x"], "not found"),
+    (["generate", "{run}", "--prompt", "x" * 2000], "context_length is 32"),
+    (["generate", "{run}", "--prompt", "x", "--top_p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "{tmp}/corrupt", "--prompt", "x"], "corrupt"),
+])
+def test_bad_input_gives_one_line_error(trained_run, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    src = trained_run / "run" / "checkpoints" / "step_00000030"
+    for f in src.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    args = [a.format(tmp=tmp_path, run=trained_run / "run") for a in args]
+    proc = run(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
