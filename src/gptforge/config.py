@@ -178,8 +178,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "model": dict(n_layer=4, n_head=4, d_model=192, context_length=128, vocab_size=4096),
         "optim": dict(lr=2e-3, warmup_steps=50, beta2=0.99),
-        "train": dict(max_steps=1200, micro_batch_size=16, eval_interval=200, eval_steps=20, log_interval=20,
-                      checkpoint_interval=400, max_time_s=300.0),
+        "train": dict(max_steps=900, micro_batch_size=16, eval_interval=300, eval_steps=20, log_interval=20,
+                      checkpoint_interval=300, max_time_s=300.0),
     },
 }
 

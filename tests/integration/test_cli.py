@@ -72,8 +72,10 @@ def test_generate_seeded_and_batched(trained_run):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["prepare", "--corpus", "/no/such/file.txt", "--out", "{tmp}/d"], "corpus not found"),
-    (["prepare", "--corpus", "{tmp}/empty.txt", "--out", "{tmp}/d"], "empty"),
+    (["prepare", "--corpus", "/no/such/file.txt", "--out", "{tmp}/d", "--quiet"], "corpus not found"),
+    (["prepare", "--corpus", "{tmp}/empty.txt", "--out", "{tmp}/d", "--quiet"], "empty"),
+    (["prepare", "--corpus", "{tmp}/empty.txt", "--out", "{tmp}/d", "--val_fraction", "0.9", "--quiet"],
+     "val_fraction"),
     (["pretrain", "--preset", "debug", "--data", "{tmp}/nodata", "--out", "{tmp}/r"], "nodata"),
     (["pretrain", "--preset", "debgu", "--data", "{run}/../data", "--out", "{tmp}/r"], "did you mean 'debug'"),
     (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_heads", "2"],

@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROMPTS = {"python-stdlib": ["def ", "class ", "import "], "shakespeare": ["ROMEO:\n", "KING HENRY:\n", "\n"]}
+DEMO_PROMPTS = {"python-stdlib": ["def get_", "class Test", "    def __init__(self"], "shakespeare": ["ROMEO:\n", "KING HENRY:\n", "\n"]}
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
