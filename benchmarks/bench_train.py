@@ -26,59 +26,73 @@ SHAPES = {  # name: (model config, micro_batch_size in sequences)
 
 
 class HFWrapper(torch.nn.Module):
-    """GPT2LMHeadModel behind gptforge's `model(tokens) -> logits` call."""
+    """GPT2LMHeadModel behind gptforge's `model(tokens) -> logits` call (dropout 0 as in gptforge's config,
+    unless `hf_default_dropout`: GPT2Config's shipped 0.1, as a user who sets only the shape would get)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hf_default_dropout: bool = False) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        p = 0.1 if hf_default_dropout else 0.0
         hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
-                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                            bos_token_id=0, eos_token_id=0)
         self.inner = GPT2LMHeadModel(hf_cfg)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.inner(input_ids=tokens, use_cache=False).logits
 
 
-def time_training(model: torch.nn.Module, cfg: ModelConfig, batch_size: int, steps: int, warmup: int = 5) -> float:
-    """Tokens per second over `steps` optimizer steps (after `warmup` untimed ones)."""
-    opt = build_optimizer(model, OptimConfig(lr=1e-4), "cpu")
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=g) for _ in range(8)]
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        batch = data[i % len(data)]
-        train_step(model, opt, [(batch[:, :-1], batch[:, 1:])], grad_clip=1.0)
-    return steps * batch_size * cfg.context_length / (time.perf_counter() - start)
+class Trainer:
+    """One model, its AdamW (gptforge's settings for both) and a fixed pool of random batches."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, batch_size: int) -> None:
+        self.model, self.tokens_per_step = model, batch_size * cfg.context_length
+        self.opt = build_optimizer(model, OptimConfig(lr=1e-4), "cpu")
+        g = torch.Generator().manual_seed(0)
+        self.data = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=g)
+                     for _ in range(8)]
+        self.step(3)  # warm-up
+
+    def step(self, n: int) -> float:
+        """Run n optimizer steps; return tokens per second."""
+        start = time.perf_counter()
+        for i in range(n):
+            batch = self.data[i % len(self.data)]
+            train_step(self.model, self.opt, [(batch[:, :-1], batch[:, 1:])], grad_clip=1.0)
+        return n * self.tokens_per_step / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=2, help="best of this many timed rounds per model")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round (shakespeare-char)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, interleaved across models; best is kept")
     parser.add_argument("--compile", action="store_true", help="also time gptforge under torch.compile")
     args = parser.parse_args()
     peak = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=1.0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured fp32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s\n")
+          f"{peak / 1e9:.1f} GFLOP/s; AdamW (fused), grad clip 1.0, fp32, dropout 0 unless noted\n")
     rows = []
     for name, (cfg, bs) in SHAPES.items():
-        steps = args.steps if cfg.d_model <= 128 else max(5, args.steps // 4)
-        makers = {"gptforge": lambda c=cfg: GPT(c), "transformers": lambda c=cfg: HFWrapper(c)}
+        steps = args.steps if cfg.d_model <= 128 else max(4, args.steps // 6)
+        makers = {"gptforge": lambda c=cfg: GPT(c), "transformers": lambda c=cfg: HFWrapper(c),
+                  "transformers (dropout 0.1)": lambda c=cfg: HFWrapper(c, hf_default_dropout=True)}
         if args.compile:
-            makers["gptforge+compile"] = lambda c=cfg: torch.compile(GPT(c))
-        results = {}
+            makers["gptforge + compile"] = lambda c=cfg: torch.compile(GPT(c))
+        trainers = {}
         for label, make in makers.items():
             torch.manual_seed(0)
-            model = make()
-            results[label] = max(time_training(model, cfg, bs, steps) for _ in range(args.rounds))
+            trainers[label] = Trainer(make(), cfg, bs)
+        best = dict.fromkeys(trainers, 0.0)
+        for _ in range(args.rounds):  # interleaved, so machine noise hits every model alike
+            for label, trainer in trainers.items():
+                best[label] = max(best[label], trainer.step(steps))
         fpt = flops_per_token(cfg)
-        for label, tps in results.items():
-            rows.append((name, label, tps, fpt * tps / peak, tps / results["transformers"]))
-    print(f"{'config':<18} {'implementation':<18} {'tokens/s':>10} {'MFU':>7} {'vs HF':>7}")
+        for label, tps in best.items():
+            rows.append((name, label, tps, fpt * tps / peak, tps / best["transformers"]))
+    print(f"{'config':<18} {'implementation':<28} {'tokens/s':>10} {'MFU':>7} {'vs HF':>7}")
     for name, label, tps, m, ratio in rows:
-        print(f"{name:<18} {label:<18} {tps:>10,.0f} {m:>7.1%} {ratio:>6.2f}x")
+        print(f"{name:<18} {label:<28} {tps:>10,.0f} {m:>7.1%} {ratio:>6.2f}x")
 
 
 if __name__ == "__main__":

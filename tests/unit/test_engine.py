@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptforge.errors import GptforgeError
-from gptforge.generate.engine import generate_text, iter_tokens, iter_text
+from gptforge.generate.engine import generate_text, iter_text, iter_tokens
 from gptforge.generate.sampling import SamplingParams
 from gptforge.model.gpt import GPT
 

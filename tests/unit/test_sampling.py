@@ -3,8 +3,13 @@ import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.generate.engine import StopTextBuffer
-from gptforge.generate.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
-                                        sample_next)
+from gptforge.generate.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    sample_next,
+)
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
 
