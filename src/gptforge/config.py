@@ -90,6 +90,8 @@ class TrainConfig:
     it must be a multiple of `micro_batch_size * context_length` (tokens per micro-step), and the
     quotient is `grad_accum_steps`. `max_time_s` stops training early (0: no limit). `peak_flops`
     is the machine's peak FLOP/s for MFU; 0 measures it with a matrix-multiply benchmark at start-up.
+    `init_from` starts from the weights of a run or checkpoint directory (e.g. one made by `gptforge import`)
+    instead of a fresh initialisation; its model config replaces the `model` section.
     """
 
     max_steps: int = 1000
@@ -106,6 +108,7 @@ class TrainConfig:
     compile: bool = False
     max_time_s: float = 0.0
     peak_flops: float = 0.0
+    init_from: str = ""
 
 
 @dataclass

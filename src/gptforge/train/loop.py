@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptforge.checkpoint.io import save_checkpoint
-from gptforge.config import Config, save_config
+from gptforge.checkpoint.io import find_checkpoint, load_weights, read_json, save_checkpoint
+from gptforge.config import Config, config_from_dict, save_config
 from gptforge.data.dataset import WindowSampler, open_split
 from gptforge.data.prepare import load_meta
+from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, IGNORE_INDEX, flops_per_token
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.optim import build_optimizer
@@ -106,6 +107,17 @@ def evaluate(model: torch.nn.Module, sampler: WindowSampler, n_batches: int, dev
     return total / count
 
 
+def _init_model_config(init_from: str, meta: dict):
+    """The model section of the checkpoint to start from; its vocabulary must match the data's tokenizer."""
+    ckpt = find_checkpoint(init_from)
+    model_cfg = config_from_dict(read_json(ckpt / "config.json")).model
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise GptforgeError(f"train.init_from={init_from} has vocab_size {model_cfg.vocab_size} but the data was "
+                            f"tokenized with vocab_size {meta['vocab_size']}; prepare the data with "
+                            f"--tokenizer {ckpt} to reuse the model's tokenizer")
+    return model_cfg
+
+
 def _val_sampler(cfg: Config, val_tokens) -> WindowSampler:
     """The same validation windows at every evaluation (a fixed seed), so val losses compare across steps."""
     return WindowSampler(val_tokens, context_length=cfg.model.context_length,
@@ -125,7 +137,7 @@ def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress
     device = resolve_device(t.device)
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir)
-    if cfg.model.vocab_size != meta["vocab_size"]:
+    if cfg.model.vocab_size != meta["vocab_size"] and not t.init_from:
         print0(f"note: model.vocab_size set to {meta['vocab_size']} from the data's tokenizer "
                f"(config had {cfg.model.vocab_size})")
         cfg.model.vocab_size = meta["vocab_size"]
@@ -134,7 +146,13 @@ def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress
     val_tokens = open_split(data_dir, "val", meta["dtype"])
     val_sampler = _val_sampler(cfg, val_tokens) if len(val_tokens) > cfg.model.context_length else None
 
-    model = GPT(cfg.model).to(device)
+    if t.init_from:
+        cfg.model = _init_model_config(t.init_from, meta)
+    model = GPT(cfg.model)
+    if t.init_from:
+        load_weights(model, find_checkpoint(t.init_from) / "model.safetensors")
+        print0(f"initialised from {find_checkpoint(t.init_from)}")
+    model = model.to(device)
     train_model = torch.compile(model) if t.compile else model
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast = lambda: autocast_context(device, t.dtype)  # noqa: E731

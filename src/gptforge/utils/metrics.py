@@ -25,14 +25,17 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     for _ in range(2):
         a @ b
     sync()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-        if device.type == "cuda" and reps % 10 == 0:
-            sync()
-    sync()
-    return 2.0 * n**3 * reps / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(5):  # best of five short trials, so a busy moment on a shared machine does not skew MFU
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            a @ b
+            reps += 1
+            if device.type == "cuda" and reps % 10 == 0:
+                sync()
+        sync()
+        best = max(best, 2.0 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
