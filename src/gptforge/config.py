@@ -92,6 +92,11 @@ class TrainConfig:
     is the machine's peak FLOP/s for MFU; 0 measures it with a matrix-multiply benchmark at start-up.
     `init_from` starts from the weights of a run or checkpoint directory (e.g. one made by `gptforge import`)
     instead of a fresh initialisation; its model config replaces the `model` section.
+
+    Under torchrun, `data_parallel` is "ddp" (replicas) or "fsdp" (FSDP2, fully sharded). `dtype` "float16" adds a
+    gradient scaler; `tf32` allows TF32 matmuls on CUDA. A step whose loss or gradient norm is not finite is
+    skipped (no update); `max_nonfinite_steps` such steps in a row stop the run. With `spike_zscore > 0`, a step
+    whose loss exceeds the mean of the last `spike_window` losses by that many standard deviations is skipped.
     """
 
     max_steps: int = 1000
@@ -109,6 +114,12 @@ class TrainConfig:
     max_time_s: float = 0.0
     peak_flops: float = 0.0
     init_from: str = ""
+    data_parallel: str = "ddp"
+    activation_checkpointing: bool = False
+    tf32: bool = True
+    max_nonfinite_steps: int = 5
+    spike_zscore: float = 0.0
+    spike_window: int = 50
 
 
 @dataclass
@@ -302,10 +313,13 @@ def load_config(*, preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a validated Config from `Config.to_dict()` output (e.g. a checkpoint's config.json)."""
+def config_from_dict(tree: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> Config:
+    """Rebuild a validated Config from `Config.to_dict()` output (e.g. a checkpoint's config.json), then apply
+    `overrides` as `load_config` does."""
     cfg = Config()
     _apply_tree(cfg, tree, "config")
+    for key, value in overrides or []:
+        _set(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -360,6 +374,10 @@ def validate(cfg: Config) -> None:
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
     _check(t.max_time_s >= 0 and t.peak_flops >= 0, "train.max_time_s and train.peak_flops must be >= 0")
+    _check(t.data_parallel in ("ddp", "fsdp"), f"train.data_parallel must be ddp or fsdp, got {t.data_parallel!r}")
+    _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    _check(t.spike_zscore >= 0 and t.spike_window >= 2,
+           "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")
     _grad_accum_steps(cfg, 1)
 
 

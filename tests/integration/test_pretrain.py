@@ -48,7 +48,7 @@ def test_gradient_accumulation_run_and_checkpoint_contents(char_data, tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in lines)
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000006"
     assert sorted(p.name for p in ckpt.iterdir()) == ["char_tokenizer.json", "config.json", "model.safetensors",
-                                                       "optimizer.pt", "state.json"]
+                                                       "optimizer.pt", "state.json", "trainer.pt"]
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step_00000006"]  # keep 1
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 6 and state["tokens_seen"] == 1152 and state["schema_version"] == 1

@@ -4,15 +4,21 @@ Layout of RUN_DIR/checkpoints/step_NNNNNNNN/:
     model.safetensors   weights (the tied output head is stored once, as wte.weight)
     config.json         the resolved Config (all sections)
     tokenizer.json | char_tokenizer.json
-    optimizer.pt        AdamW state (tensors and plain containers only; loaded with weights_only=True)
-    state.json          schema_version, step, tokens_seen, val_loss
-RUN_DIR/latest names the newest complete checkpoint. A checkpoint is written to a hidden temporary
-directory and renamed into place, so a crash never leaves a partial checkpoint under a final name.
+    optimizer.pt        AdamW state keyed by parameter name (loadable at any world size; weights_only=True)
+    trainer.pt          data-sampler and RNG states of every rank (Python, NumPy, torch CPU/CUDA; weights_only)
+    state.json          schema_version, step, tokens_seen, val_loss, and the sha256 of every other file
+RUN_DIR/latest names the newest complete checkpoint, RUN_DIR/best the one with the lowest val loss. A checkpoint
+is written to a hidden temporary directory and renamed into place, so a crash never leaves a partial
+checkpoint under a final name; the sha256 manifest catches a file truncated or damaged later. Nothing here
+unpickles arbitrary objects: weights go through safetensors, the rest through JSON or
+`torch.load(weights_only=True)`, which refuses pickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,38 +30,173 @@ from safetensors.torch import load_file, save_file
 from gptforge.config import Config, config_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_text
+from gptforge.utils.logging import print0
 
 SCHEMA_VERSION = 1
 TIED_KEYS = ("lm_head.weight",)
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors to store: contiguous CPU copies, tied duplicates dropped, no `_orig_mod.` prefix."""
-    model = getattr(model, "_orig_mod", model)
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, *, step: int, model: torch.nn.Module, cfg: Config, tokenizer,
-                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
-                    keep: int = 3) -> Path:
-    """Write checkpoint `step` under RUN_DIR/checkpoints, point RUN_DIR/latest at it, keep the newest `keep`."""
+def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: torch.nn.Module | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict | None = None,
+                    trainer_state: dict | None = None, state: dict[str, Any] | None = None, keep: int = 3) -> Path:
+    """Write checkpoint `step` under RUN_DIR/checkpoints, point RUN_DIR/latest at it, and keep the newest
+    `keep` plus the best by validation loss. Call on the main process only.
+
+    Args:
+        model / model_state: the model, or its full (unsharded) CPU tensors by name from `full_model_state`.
+        optimizer / optimizer_state: the optimizer, or its state keyed by parameter name from
+            `full_optimizer_state` (under FSDP, gather both on every rank first and pass the states).
+        trainer_state: sampler and RNG states (tensors, numbers, lists, dicts only).
+        state: JSON-serialisable run counters (tokens_seen, val_loss, ...).
+
+    Raises:
+        GptforgeError: a weight is NaN or infinite (a checkpoint never holds a non-finite value).
+    """
+    if model_state is None:
+        model_state = full_model_state(model)
+    if optimizer is not None and optimizer_state is None:
+        optimizer_state = full_optimizer_state(model, optimizer)
+    for name, tensor in model_state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise GptforgeError(f"refusing to write checkpoint step {step}: parameter {name} is not finite")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {k: v for k, v in model_state.items() if k not in TIED_KEYS}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(tmp / "config.json", cfg.to_dict())
     tokenizer.save(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "step": step, **(state or {})})
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "step": step, **(state or {}),
+                                           "files": files})
     atomic_replace_dir(tmp, final)
     atomic_write_text(Path(run_dir) / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+    _prune(Path(run_dir), keep)
     return final
+
+
+def _val_loss(ckpt: Path) -> float:
+    try:
+        value = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("val_loss")
+    except (OSError, ValueError):
+        return float("inf")
+    return value if isinstance(value, (int, float)) and value == value else float("inf")
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints and the best one by val loss (RUN_DIR/best names it)."""
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    if not found:
+        return
+    best = min(found, key=_val_loss)
+    if _val_loss(best) < float("inf"):
+        atomic_write_text(run_dir / "best", best.name + "\n")
+    for old in found[:-keep]:
+        if old != best:
+            shutil.rmtree(old)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors by parameter name from a plain, compiled, DDP or FSDP2 model (a collective under
+    FSDP: call it on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.detach().contiguous() for k, v in get_model_state_dict(_unwrap(model), options=options).items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name, unsharded, on CPU (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(_unwrap(model), optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a name-keyed full optimizer state into `optimizer` (each FSDP rank keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(_unwrap(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check a checkpoint's manifest: every file present with the recorded sha256. Returns state.json.
+
+    Raises:
+        GptforgeError: naming the missing, truncated or corrupt file.
+    """
+    state = read_json(ckpt / "state.json")
+    if state.get("schema_version", 0) > SCHEMA_VERSION:
+        raise GptforgeError(f"{ckpt} has checkpoint schema {state['schema_version']}; this gptforge reads up to "
+                            f"{SCHEMA_VERSION} (upgrade gptforge)")
+    for name, digest in state.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise GptforgeError(f"checkpoint file missing: {path}")
+        if _sha256(path) != digest:
+            raise GptforgeError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {path}")
+    return state
+
+
+def find_resume_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint (verified; an error if damaged), else
+    the newest checkpoint of the run directory that verifies, falling back past damaged ones with a warning.
+
+    Raises:
+        GptforgeError: no checkpoint, or no intact one.
+    """
+    path = Path(path)
+    if (path / "state.json").is_file() or (path / "model.safetensors").is_file():
+        verify_checkpoint(path)
+        return path
+    found = sorted((p for p in (path / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
+    if not found:
+        raise GptforgeError(f"nothing to resume: no checkpoint in {path}/checkpoints")
+    for ckpt in found:
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except GptforgeError as exc:
+            print0(f"warning: skipping damaged checkpoint: {exc}")
+    raise GptforgeError(f"nothing to resume: every checkpoint in {path}/checkpoints is damaged")
+
+
+def load_torch_file(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
+
+    Raises:
+        GptforgeError: the file is missing, corrupt, or holds anything but plain data (e.g. a malicious pickle).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GptforgeError(f"missing file: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GptforgeError(f"refusing to load {path}: not a plain tensor file ({reason[:160]})") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -121,10 +262,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
     ckpt = find_checkpoint(path)
     cfg: Config = config_from_dict(read_json(ckpt / "config.json"))
-    state = read_json(ckpt / "state.json")
-    if state.get("schema_version", 0) > SCHEMA_VERSION:
-        raise GptforgeError(f"{ckpt} has checkpoint schema {state['schema_version']}; this gptforge reads up to "
-                            f"{SCHEMA_VERSION} (upgrade gptforge)")
+    state = verify_checkpoint(ckpt)
     tokenizer = load_tokenizer(ckpt)
     model = GPT(cfg.model)
     load_weights(model, ckpt / "model.safetensors")

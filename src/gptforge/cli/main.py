@@ -31,13 +31,27 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     from gptforge.config import load_config, parse_overrides
     from gptforge.train.loop import pretrain
 
-    if (args.preset is None) == (args.config is None):
-        raise GptforgeError("pretrain needs exactly one of --preset NAME or --config FILE")
-    cfg = load_config(preset=args.preset, path=args.config, overrides=parse_overrides(extra))
-    result = pretrain(cfg, args.data, args.out, progress=not args.quiet)
+    if args.preset is not None and args.config is not None:
+        raise GptforgeError("pretrain takes one of --preset NAME or --config FILE, not both")
+    overrides = parse_overrides(extra)
+    if args.preset is None and args.config is None:
+        if args.resume is None:
+            raise GptforgeError("pretrain needs exactly one of --preset NAME or --config FILE (or --resume)")
+        cfg = _resume_config(args.out if args.resume == "latest" else args.resume, overrides)
+    else:
+        cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    result = pretrain(cfg, args.data, args.out, progress=not args.quiet, resume=args.resume)
     print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens) in {result.elapsed_s:.0f} s; "
           f"val loss {result.val_loss:.4f}; checkpoint in {result.run_dir}")
     return 0
+
+
+def _resume_config(path: str, overrides):
+    """The config stored in the checkpoint to resume from, with command-line overrides on top."""
+    from gptforge.checkpoint.io import find_resume_checkpoint, read_json
+    from gptforge.config import config_from_dict
+
+    return config_from_dict(read_json(find_resume_checkpoint(path) / "config.json"), overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -119,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (sections model, optim, train)")
     p.add_argument("--data", required=True, help="data directory written by `gptforge prepare`")
     p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from the newest intact checkpoint in --out, or from checkpoint PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)

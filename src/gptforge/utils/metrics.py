@@ -15,8 +15,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     Units: FLOP/s. A matmul of n x n by n x n costs 2 n^3 FLOPs.
     """
     n = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG streams stay untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
 
     def sync():
         if device.type == "cuda":

@@ -1,0 +1,66 @@
+"""Wrap a built GPT for training from the outside, in a fixed order: activation checkpointing, compile,
+then data parallelism (DDP or FSDP2). The model code itself knows nothing of any of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from gptforge.distributed.env import DistInfo
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them (less memory,
+    about one extra forward of compute). Parameter names are unchanged (the wrapper strips its prefix)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (`fully_shard`): each block,
+    then the root (embeddings, tied head, final norm). Modifies `model` in place and returns it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Replicate the model on every rank; gradients are averaged in the backward pass."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def parallelize(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool,
+                activation_checkpointing: bool) -> nn.Module:
+    """Returns the module to call in training steps; `model` stays the unwrapped one (for checkpoints)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if info.distributed and data_parallel == "fsdp":
+        apply_fsdp(model, info)
+    train_model = torch.compile(model) if compile else model
+    if info.distributed and data_parallel == "ddp":
+        train_model = apply_ddp(train_model, info)
+    return train_model
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Context for one micro-step: skip the gradient all-reduce unless `enabled` (the last micro-step), for
+    DDP (`no_sync`) and FSDP2 (`set_requires_gradient_sync`); a no-op for a single process."""
+    if hasattr(model, "no_sync"):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "set_requires_gradient_sync"):
+        inner.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
