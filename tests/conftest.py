@@ -57,3 +57,16 @@ def byte_tokenizer() -> ByteTokenizer:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """Tiny Shakespeare prepared with the character tokenizer (vocab 66), once per test session."""
+    from gptforge.data.prepare import prepare
+
+    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
+    if not src.is_file():
+        pytest.skip(f"shared data not found at {src.parent}")
+    out = tmp_path_factory.mktemp("char") / "data"
+    prepare(str(src), out, tokenizer="char", progress=False)
+    return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.io import atomic_write_text
 
 EOT_TEXT = "<|endoftext|>"
 BPE_FILE = "tokenizer.json"
@@ -172,7 +172,7 @@ class BPETokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` (Hugging Face format) into `directory` atomically; return its path."""
-        return _atomic_write_text(Path(directory) / BPE_FILE, self._tok.to_str(pretty=True))
+        return atomic_write_text(Path(directory) / BPE_FILE, self._tok.to_str(pretty=True))
 
 
 class CharTokenizer:
@@ -241,7 +241,7 @@ class CharTokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `char_tokenizer.json` ({"type": "char", "chars": [...]}) atomically; return its path."""
-        return _atomic_write_text(Path(directory) / CHAR_FILE, json.dumps({"type": "char", "chars": self.chars}))
+        return atomic_write_text(Path(directory) / CHAR_FILE, json.dumps({"type": "char", "chars": self.chars}))
 
 
 def _new_bpe(model: models.BPE) -> Tokenizer:
@@ -360,19 +360,4 @@ def _load_gpt2_pair(vocab: Path, merges: Path) -> BPETokenizer:
     tok.add_special_tokens([AddedToken(EOT_TEXT, special=True, normalized=False)])
     return BPETokenizer(tok)
 
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same directory, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 

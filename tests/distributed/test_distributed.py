@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.checkpoint.io import find_resume_checkpoint
-from gptforge.data.prepare import prepare
 from gptforge.train.loop import compute_gradients
 
 HERE = Path(__file__).resolve().parent
@@ -43,20 +42,8 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, micro_st
         torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from conftest import shared_data_dir
-
-    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip("shared data not found")
-    out = tmp_path_factory.mktemp("dist") / "data"
-    prepare(str(src), out, tokenizer="char", progress=False)
-    return out
-
-
-def pretrain_args(data, out, *extra):
-    return ["-m", "gptforge", "pretrain", "--preset", "debug", "--data", data, "--out", out, "--quiet",
+def pretrain_args(char_data, out, *extra):
+    return ["-m", "gptforge", "pretrain", "--preset", "debug", "--data", char_data, "--out", out, "--quiet",
             "--global_batch_tokens", 256, "--log_interval", 1, "--eval_interval", 5, *extra]
 
 
@@ -64,29 +51,29 @@ def weights(run_dir):
     return load_file(str(find_resume_checkpoint(run_dir) / "model.safetensors"))
 
 
-def test_fsdp_saves_reloads_and_continues_identically(data, tmp_path):
+def test_fsdp_saves_reloads_and_continues_identically(char_data, tmp_path):
     common = ["--data_parallel", "fsdp", "--checkpoint_interval", 5]
-    full = torchrun(*pretrain_args(data, tmp_path / "full", "--max_steps", 10, *common))
+    full = torchrun(*pretrain_args(char_data, tmp_path / "full", "--max_steps", 10, *common))
     assert full.returncode == 0, full.stderr[-3000:]
-    half = torchrun(*pretrain_args(data, tmp_path / "half", "--max_steps", 5, *common))
+    half = torchrun(*pretrain_args(char_data, tmp_path / "half", "--max_steps", 5, *common))
     assert half.returncode == 0, half.stderr[-3000:]
-    resumed = torchrun(*pretrain_args(data, tmp_path / "half", "--max_steps", 10, *common, "--resume"))
+    resumed = torchrun(*pretrain_args(char_data, tmp_path / "half", "--max_steps", 10, *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the consolidated FSDP checkpoint loads in a single process at world size 1
-    single = subprocess.run([sys.executable, *map(str, pretrain_args(data, tmp_path / "half", "--max_steps", 12,
+    single = subprocess.run([sys.executable, *map(str, pretrain_args(char_data, tmp_path / "half", "--max_steps", 12,
                                                                      *common, "--resume"))],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 
 
-def test_killed_ddp_run_resumes_exactly(data, tmp_path):
+def test_killed_ddp_run_resumes_exactly(char_data, tmp_path):
     args = ["--max_steps", 40, "--checkpoint_interval", 6, "--dropout", 0.1]
-    ref = torchrun(*pretrain_args(data, tmp_path / "ref", *args))
+    ref = torchrun(*pretrain_args(char_data, tmp_path / "ref", *args))
     assert ref.returncode == 0, ref.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *map(str, pretrain_args(data, tmp_path / "run", *args))]
+           *map(str, pretrain_args(char_data, tmp_path / "run", *args))]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
@@ -97,7 +84,7 @@ def test_killed_ddp_run_resumes_exactly(data, tmp_path):
         time.sleep(0.005)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = torchrun(*pretrain_args(data, tmp_path / "run", *args, "--resume"))
+    resumed = torchrun(*pretrain_args(char_data, tmp_path / "run", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)

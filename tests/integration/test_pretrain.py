@@ -7,20 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.config import load_config
-from gptforge.data.prepare import prepare
 from gptforge.train.loop import pretrain
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    from conftest import shared_data_dir
-
-    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip("shared data not found")
-    out = tmp_path_factory.mktemp("char") / "data"
-    prepare(str(src), out, tokenizer="char", progress=False)
-    return out
 
 
 def _run(data, out, **overrides):

@@ -17,24 +17,11 @@ from safetensors.torch import load_file
 
 from gptforge.checkpoint.io import find_resume_checkpoint, load_torch_file
 from gptforge.config import load_config
-from gptforge.data.prepare import prepare
 from gptforge.errors import GptforgeError
 from gptforge.train import loop
 
 ARGS = ["--preset", "debug", "--max_steps", "60", "--checkpoint_interval", "7", "--eval_interval", "10",
         "--log_interval", "1", "--dropout", "0.1", "--global_batch_tokens", "128", "--keep_checkpoints", "2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from conftest import shared_data_dir
-
-    src = shared_data_dir() / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip("shared data not found")
-    out = tmp_path_factory.mktemp("resume") / "data"
-    prepare(str(src), out, tokenizer="char", progress=False)
-    return out
 
 
 def cli(*args):
@@ -52,16 +39,16 @@ def losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(char_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(cli("pretrain", *ARGS, "--data", data, "--out", out, "--quiet"), check=True, capture_output=True)
+    subprocess.run(cli("pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet"), check=True, capture_output=True)
     return out
 
 
-def test_sigkill_then_resume_is_bitwise_identical(data, reference, tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical(char_data, reference, tmp_path):
     out = tmp_path / "run"
     kill_after = random.Random().randint(9, 45)
-    proc = subprocess.Popen(cli("pretrain", *ARGS, "--data", data, "--out", out, "--quiet"),
+    proc = subprocess.Popen(cli("pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -72,7 +59,7 @@ def test_sigkill_then_resume_is_bitwise_identical(data, reference, tmp_path):
         time.sleep(0.005)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run(cli("pretrain", *ARGS, "--data", data, "--out", out, "--quiet", "--resume"), check=True,
+    subprocess.run(cli("pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet", "--resume"), check=True,
                    capture_output=True)
     ref_w, ref_name = final_weights(reference)
     got_w, got_name = final_weights(out)
@@ -124,7 +111,7 @@ def test_best_checkpoint_is_kept(reference):
     assert vals[best] == min(vals.values())
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_stop_the_run(char_data, tmp_path, monkeypatch):
     real = loop.token_loss_sum
     calls = {"n": 0}
 
@@ -137,7 +124,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypa
     cfg = load_config(preset="debug", overrides=[("max_steps", 50), ("max_nonfinite_steps", 3),
                                                  ("global_batch_tokens", 256), ("checkpoint_interval", 1)])
     with pytest.raises(GptforgeError, match="3 steps in a row had a non-finite loss"):
-        loop.pretrain(cfg, data, tmp_path / "run", progress=False)
+        loop.pretrain(cfg, char_data, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in rows if r["step"] > 2] == ["non-finite loss"] * 3
     for ckpt in (tmp_path / "run" / "checkpoints").iterdir():  # no checkpoint holds a NaN
@@ -150,17 +137,17 @@ def test_spike_filter():
     assert spike(9.0).startswith("loss spike") and spike(2.02) is None
 
 
-def test_compile_on_cpu(data, tmp_path):
+def test_compile_on_cpu(char_data, tmp_path):
     cfg = load_config(preset="debug", overrides=[("max_steps", 4), ("compile", "true"), ("eval_interval", 4)])
-    result = loop.pretrain(cfg, data, tmp_path / "run", progress=False)
+    result = loop.pretrain(cfg, char_data, tmp_path / "run", progress=False)
     assert result.steps == 4 and result.val_loss < 4.3  # ln(66) = 4.19 at init
 
 
-def test_activation_checkpointing_matches_plain(data, tmp_path):
-    plain = loop.pretrain(load_config(preset="debug", overrides=[("max_steps", 3)]), data, tmp_path / "a",
+def test_activation_checkpointing_matches_plain(char_data, tmp_path):
+    plain = loop.pretrain(load_config(preset="debug", overrides=[("max_steps", 3)]), char_data, tmp_path / "a",
                           progress=False)
     ckpt = loop.pretrain(load_config(preset="debug", overrides=[("max_steps", 3), ("activation_checkpointing", "true")]),
-                         data, tmp_path / "b", progress=False)
+                         char_data, tmp_path / "b", progress=False)
     assert abs(plain.val_loss - ckpt.val_loss) < 1e-6
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000003" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000003" / "model.safetensors"))

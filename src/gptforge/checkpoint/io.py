@@ -16,7 +16,6 @@ unpickles arbitrary objects: weights go through safetensors, the rest through JS
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import shutil
@@ -29,19 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from gptforge.config import Config, config_from_dict
 from gptforge.errors import GptforgeError
-from gptforge.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_text
+from gptforge.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_text, sha256_file
 from gptforge.utils.logging import print0
 
 SCHEMA_VERSION = 1
 TIED_KEYS = ("lm_head.weight",)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: torch.nn.Module | None = None,
@@ -82,7 +73,7 @@ def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: 
         torch.save(optimizer_state, tmp / "optimizer.pt")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer.pt")
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "step": step, **(state or {}),
                                            "files": files})
     atomic_replace_dir(tmp, final)
@@ -156,7 +147,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         path = ckpt / name
         if not path.is_file():
             raise GptforgeError(f"checkpoint file missing: {path}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise GptforgeError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {path}")
     return state
 

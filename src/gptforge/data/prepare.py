@@ -16,7 +16,6 @@ Depends on `gptforge.tokenizer` and `gptforge.data.sources`; knows nothing about
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from gptforge.tokenizer import (
     train_bpe,
     train_char,
 )
+from gptforge.utils.io import atomic_write_json, sha256_file
 
 META_FILE = "meta.json"
 SPLIT_FILES = ("train.bin", "val.bin")
@@ -114,11 +114,11 @@ def prepare(
             "bytes": stats["bytes"],
             "replaced_bytes": stats["replaced_bytes"],
             "tokens": {"train": n_train, "val": n_val},
-            "sha256": {name: _sha256(tmp / name) for name in SPLIT_FILES},
+            "sha256": {name: sha256_file(tmp / name) for name in SPLIT_FILES},
             "val_fraction": val_fraction,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json(tmp / META_FILE, meta)
+        atomic_write_json(tmp / META_FILE, meta)
         _install(tmp, out, [*SPLIT_FILES, tokenizer_file])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -246,29 +246,6 @@ def _split(tokens_path: Path, out: Path, itemsize: int, val_fraction: float) -> 
         os.fsync(src.fileno())
     os.replace(tokens_path, out / "train.bin")
     return n_train, n_val
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_COPY_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: temp file in the same directory, fsync, os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _install(tmp: Path, out: Path, files: list[str]) -> None:

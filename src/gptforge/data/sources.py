@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.io import sha256_file
 
 NAMED_CORPORA = ("shakespeare", "python-stdlib")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -264,14 +265,6 @@ def _iter_records(path: Path, text_field: str) -> Iterator[Document]:
         raise GptforgeError(f"cannot read {path} as {builder}: {first}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cache_dir() -> Path:
     env = os.environ.get("GPTFORGE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "gptforge"
@@ -296,7 +289,7 @@ def find_shakespeare() -> Path:
     candidates.append(cached)
     for path in candidates:
         if path.is_file():
-            if _sha256_file(path) != SHAKESPEARE_SHA256:
+            if sha256_file(path) != SHAKESPEARE_SHA256:
                 raise GptforgeError(f"{path} is not Tiny Shakespeare (sha256 mismatch; expected {SHAKESPEARE_SHA256})")
             return path
     _download(SHAKESPEARE_URL, cached, SHAKESPEARE_SHA256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,9 +42,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text to `path` atomically."""
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write UTF-8 text to `path` atomically; return the path."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return Path(path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -63,3 +65,12 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     _fsync_dir(final_dir.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (memory stays flat for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
