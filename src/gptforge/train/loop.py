@@ -37,9 +37,10 @@ from gptforge.tokenizer import load_tokenizer
 from gptforge.train.optim import build_optimizer
 from gptforge.train.rng import capture_rng, restore_rng
 from gptforge.train.schedule import accum_steps_at, lr_at
+from gptforge.utils.gpus import peak_flops_for
 from gptforge.utils.io import atomic_write_text
 from gptforge.utils.logging import MetricsWriter, print0
-from gptforge.utils.metrics import measure_peak_flops, mfu
+from gptforge.utils.metrics import mfu
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SINGLE = DistInfo()
@@ -352,11 +353,12 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
     micro_tokens = t.micro_batch_size * cfg.model.context_length * info.world_size  # all ranks
     decay_steps = cfg.optim.lr_decay_steps or t.max_steps
     fpt = flops_per_token(cfg.model)
-    peak = t.peak_flops or measure_peak_flops(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    peak, peak_source = (t.peak_flops, "given") if t.peak_flops else peak_flops_for(
+        info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32)  # datasheet table, else measured
     print0(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOPs/token; device "
            f"{info.device} x {info.world_size}; batch {full_accum * micro_tokens} tokens ({full_accum} x "
            f"{t.micro_batch_size} x {cfg.model.context_length} x {info.world_size} ranks); peak "
-           f"{peak / 1e9:.1f} GFLOP/s ({'given' if t.peak_flops else 'measured'})")
+           f"{peak / 1e9:.1f} GFLOP/s ({peak_source})")
     autocast = lambda: autocast_context(info.device, t.dtype)  # noqa: E731
     val_ok = len(run.val_tokens) > cfg.model.context_length
     spike = SpikeFilter(t.spike_zscore, t.spike_window)

@@ -11,7 +11,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
                        seconds: float = 0.5) -> float:
     """Achieved FLOP/s of a large square matmul on `device` in `dtype`: a measured stand-in for the peak.
 
-    No GPU datasheet figures are hard-coded; pass `train.peak_flops` to use a datasheet number instead.
+    The fallback of `utils.gpus.peak_flops_for`, which uses datasheet figures for known GPUs; `train.peak_flops`
+    overrides both.
     Units: FLOP/s. A matmul of n x n by n x n costs 2 n^3 FLOPs.
     """
     n = size or (8192 if device.type == "cuda" else 1024)
