@@ -246,6 +246,7 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
     """The plan as the text `gptforge plan` prints (one table for memory, assumptions at the end)."""
     six_n = 6.0 * plan.n_params
     days = plan.wall_clock_s / 86400
+    gpus = f"{plan.gpus:,} GPU{'s' if plan.gpus > 1 else ''}"
     lines = [
         f"{name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length}, "
         f"vocab {cfg.vocab_size}, attention {cfg.attention_pattern}",
@@ -256,12 +257,12 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
         f"training FLOPs    {plan.training_flops:.3g} = {pf_days(plan.training_flops):,.4g} PF-days "
         f"(GPT-3 Table D.1 convention, 6N x tokens: {plan.table_d1_flops:.3g} = "
         f"{pf_days(plan.table_d1_flops):,.4g} PF-days)",
-        f"cluster           {plan.gpus:,} GPU{'s' if plan.gpus > 1 else ''} x {plan.peak_flops / 1e12:g} TFLOP/s ({peak_source}) x MFU "
-        f"{plan.mfu:g} = {plan.gpus * plan.peak_flops * plan.mfu / 1e15:,.4g} PFLOP/s",
+        f"cluster           {gpus} x {plan.peak_flops / 1e12:g} TFLOP/s ({peak_source}) x MFU {plan.mfu:g} = "
+        f"{plan.gpus * plan.peak_flops * plan.mfu / 1e15:,.4g} PFLOP/s",
         f"wall clock        {days:,.1f} days ({plan.wall_clock_s / 3600:,.1f} hours)",
         "",
         f"memory per GPU in GiB: micro-batch {plan.micro_batch_size} x {cfg.context_length} tokens, "
-        f"{plan.gpus:,} GPU{'s' if plan.gpus > 1 else ''}; fits = total <= {USABLE_FRACTION:.0%} of {plan.gpu_memory_gib:g} GiB",
+        f"{gpus}; fits = total <= {USABLE_FRACTION:.0%} of {plan.gpu_memory_gib:g} GiB",
         f"{'strategy':<17}{'weights':>9}{'grads':>9}{'optimizer':>11}{'activations':>13}{'working':>9}"
         f"{'total':>9}  fits",
     ]

@@ -33,13 +33,15 @@ def test_plot_out_option(tmp_path, monkeypatch):
 
 
 def test_read_metrics_skips_nulls_but_keeps_records(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": null, "lr": 0.1}\n\n{"step": 2, "train_loss": 2.0}\n')
+    lines = '{"step": 1, "train_loss": null, "lr": 0.1}\n\n{"step": 2, "train_loss": 2.0}\n'
+    (tmp_path / "metrics.jsonl").write_text(lines)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no metrics file"), ("", "has no records"), ('{"step": 1}\n{"step": 2, "lr"\n', "metrics.jsonl:2 is not valid JSON"),
+    (None, "no metrics file"), ("", "has no records"),
+    ('{"step": 1}\n{"step": 2, "lr"\n', "metrics.jsonl:2 is not valid JSON"),
     ('[1, 2]\n', "is not a metrics record"), ('{"loss": 1.0}\n', "is not a metrics record"),
 ])
 def test_plot_errors_are_one_line(tmp_path, capsys, content, message):
