@@ -89,7 +89,8 @@ class TrainConfig:
     `global_batch_tokens` is the optimizer-step batch in tokens (0 means one micro-batch per step);
     it must be a multiple of `micro_batch_size * context_length` (tokens per micro-step), and the
     quotient is `grad_accum_steps`. `max_time_s` stops training early (0: no limit). `peak_flops`
-    is the machine's peak FLOP/s for MFU; 0 measures it with a matrix-multiply benchmark at start-up.
+    is the machine's peak FLOP/s for MFU; 0 takes a known GPU's datasheet figure (utils/gpus.py) or, for a CPU or
+    an unknown device, measures a matrix multiply at start-up.
     `init_from` starts from the weights of a run or checkpoint directory (e.g. one made by `gptforge import`)
     instead of a fresh initialisation; its model config replaces the `model` section.
 

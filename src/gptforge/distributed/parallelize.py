@@ -21,16 +21,21 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo) -> nn.Module:
+def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (`fully_shard`): each block,
-    then the root (embeddings, tied head, final norm). Modifies `model` in place and returns it."""
+    then the root (embeddings, tied head, final norm). Modifies `model` in place and returns it.
+
+    With a 16-bit `param_dtype`, FSDP gathers 16-bit copies for compute and reduces gradients in fp32
+    (`MixedPrecisionPolicy`), keeping fp32 sharded master weights; this replaces autocast, which would keep a
+    16-bit copy of every unsharded weight alive for the backward pass."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -39,16 +44,17 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # gradient_as_bucket_view: gradients live in the all-reduce buckets, saving one gradient-sized copy
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def parallelize(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool,
-                activation_checkpointing: bool) -> nn.Module:
+                activation_checkpointing: bool, param_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Returns the module to call in training steps; `model` stays the unwrapped one (for checkpoints)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if info.distributed and data_parallel == "fsdp":
-        apply_fsdp(model, info)
+        apply_fsdp(model, info, param_dtype)
     train_model = torch.compile(model) if compile else model
     if info.distributed and data_parallel == "ddp":
         train_model = apply_ddp(train_model, info)

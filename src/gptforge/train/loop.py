@@ -24,8 +24,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gptforge.checkpoint.io import (find_checkpoint, find_resume_checkpoint, full_model_state, full_optimizer_state,
-                                    load_optimizer_state, load_torch_file, load_weights, read_json, save_checkpoint)
+from gptforge.checkpoint.io import (
+    find_checkpoint,
+    find_resume_checkpoint,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    load_torch_file,
+    load_weights,
+    read_json,
+    save_checkpoint,
+)
 from gptforge.config import Config, config_from_dict, save_config
 from gptforge.data.dataset import WindowSampler, open_split
 from gptforge.data.prepare import load_meta
@@ -83,13 +92,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_context(device: torch.device, dtype: str):
-    """bf16/fp16 autocast with fp32 master weights; `auto` means bf16 on CUDA with bf16 support, else fp32."""
+def _compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """train.dtype resolved: `auto` means bf16 on CUDA with bf16 support, else fp32."""
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
+    return getattr(torch, dtype)
+
+
+def autocast_context(device: torch.device, dtype: str, *, fsdp_mixed: bool = False):
+    """bf16/fp16 autocast with fp32 master weights (`dtype` as train.dtype). Under FSDP2 the low-precision compute
+    comes from its MixedPrecisionPolicy instead (`fsdp_mixed`), so there is no autocast."""
+    compute = _compute_dtype(device, dtype)
+    if compute == torch.float32 or fsdp_mixed:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    return torch.autocast(device_type=device.type, dtype=compute)
 
 
 def token_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -229,7 +245,7 @@ class _Run:
     tokenizer: object
     sampler: WindowSampler
     val_tokens: np.ndarray
-    metrics: MetricsWriter | None
+    metrics: MetricsWriter | None = None
     start_step: int = 0
     tokens_seen: int = 0
 
@@ -262,17 +278,19 @@ def _build(cfg: Config, data_dir: Path, run_dir: Path, info: DistInfo, resume: s
         print0(f"{'resuming' if ckpt else 'initialised'} from {source}")
     model = model.to(info.device)
     train_model = parallelize(model, info, data_parallel=t.data_parallel, compile=t.compile,
-                              activation_checkpointing=t.activation_checkpointing)
+                              activation_checkpointing=t.activation_checkpointing,
+                              param_dtype=_compute_dtype(info.device, t.dtype))
     sampler = WindowSampler(open_split(data_dir, "train", meta["dtype"]), context_length=cfg.model.context_length,
                             micro_batch_size=t.micro_batch_size, seed=t.seed, rank=info.rank,
                             world_size=info.world_size)
     run = _Run(cfg=cfg, info=info, run_dir=run_dir, model=model, train_model=train_model,
                optimizer=build_optimizer(model, cfg.optim, info.device.type),
                scaler=torch.amp.GradScaler(info.device.type) if t.dtype == "float16" else None,
-               tokenizer=tokenizer, sampler=sampler, val_tokens=open_split(data_dir, "val", meta["dtype"]),
-               metrics=MetricsWriter(run_dir / "metrics.jsonl") if info.is_main_process else None)
+               tokenizer=tokenizer, sampler=sampler, val_tokens=open_split(data_dir, "val", meta["dtype"]))
     if ckpt:
         _restore(run, ckpt)
+    if info.is_main_process:
+        run.metrics = MetricsWriter(run_dir / "metrics.jsonl", purge_step=run.start_step + 1 if ckpt else None)
     if info.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -359,7 +377,8 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
            f"{info.device} x {info.world_size}; batch {full_accum * micro_tokens} tokens ({full_accum} x "
            f"{t.micro_batch_size} x {cfg.model.context_length} x {info.world_size} ranks); peak "
            f"{peak / 1e9:.1f} GFLOP/s ({peak_source})")
-    autocast = lambda: autocast_context(info.device, t.dtype)  # noqa: E731
+    fsdp_mixed = info.distributed and t.data_parallel == "fsdp"
+    autocast = lambda: autocast_context(info.device, t.dtype, fsdp_mixed=fsdp_mixed)  # noqa: E731
     val_ok = len(run.val_tokens) > cfg.model.context_length
     spike = SpikeFilter(t.spike_zscore, t.spike_window)
     step, val_loss, skipped_total, bad_streak = run.start_step, float("nan"), 0, 0

@@ -25,13 +25,14 @@ class MetricsWriter:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl (non-finite numbers written as null) and, with
     `tensorboard=True`, forwards each record to TensorBoard event files in RUN_DIR/tensorboard/."""
 
-    def __init__(self, path: Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, path: Path, *, tensorboard: bool = True, purge_step: int | None = None) -> None:
         # Imported here: gptforge.utils.tensorboard imports print0 from this module.
         from gptforge.utils.tensorboard import TensorBoardWriter
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tensorboard = TensorBoardWriter(self.path.parent / "tensorboard") if tensorboard else None
+        self.tensorboard = (TensorBoardWriter(self.path.parent / "tensorboard", purge_step=purge_step)
+                            if tensorboard else None)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

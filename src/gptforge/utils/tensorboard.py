@@ -42,10 +42,11 @@ def _summary_writer_class():
 
 
 class TensorBoardWriter:
-    """Scalars of metrics records into `log_dir` (created on the first record that has any)."""
+    """Scalars of metrics records into `log_dir` (created on the first record that has any). After a resume,
+    `purge_step` (the first step after the checkpoint) hides events an interrupted run logged from that step on."""
 
-    def __init__(self, log_dir: str | Path) -> None:
-        self.log_dir = Path(log_dir)
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
+        self.log_dir, self.purge_step = Path(log_dir), purge_step
         self._writer: Any = None
         self._disabled = False
 
@@ -66,7 +67,7 @@ class TensorBoardWriter:
             if writer_class is None:
                 self._disabled = True
                 return
-            self._writer = writer_class(log_dir=str(self.log_dir))
+            self._writer = writer_class(log_dir=str(self.log_dir), purge_step=self.purge_step)
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()
