@@ -365,59 +365,87 @@ def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress
         teardown(info)
 
 
-def _loop(run: _Run, progress: bool) -> TrainResult:
-    cfg, t, info = run.cfg, run.cfg.train, run.info
-    full_accum = cfg.grad_accum_steps(info.world_size)
-    micro_tokens = t.micro_batch_size * cfg.model.context_length * info.world_size  # all ranks
-    decay_steps = cfg.optim.lr_decay_steps or t.max_steps
-    fpt = flops_per_token(cfg.model)
+def _announce(run: _Run, full_accum: int, micro_tokens: int, fpt: float) -> float:
+    """Print the run's shape and return the peak FLOP/s for MFU (given, datasheet, or measured)."""
+    t, info = run.cfg.train, run.info
     peak, peak_source = (t.peak_flops, "given") if t.peak_flops else peak_flops_for(
         info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32)  # datasheet table, else measured
     print0(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {fpt / 1e6:.1f} MFLOPs/token; device "
            f"{info.device} x {info.world_size}; batch {full_accum * micro_tokens} tokens ({full_accum} x "
-           f"{t.micro_batch_size} x {cfg.model.context_length} x {info.world_size} ranks); peak "
+           f"{t.micro_batch_size} x {run.cfg.model.context_length} x {info.world_size} ranks); peak "
            f"{peak / 1e9:.1f} GFLOP/s ({peak_source})")
+    return peak
+
+
+def _optimizer_step(run: _Run, step: int, *, full_accum: int, micro_tokens: int, autocast,
+                    spike: SpikeFilter) -> tuple[StepStats, float, int]:
+    """Set the scheduled lr, draw the (ramped) number of micro-batches, and run one train_step.
+
+    Returns: (step stats, lr used, tokens consumed by all ranks).
+    """
+    cfg, info = run.cfg, run.info
+    lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+               decay_steps=cfg.optim.lr_decay_steps or cfg.train.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    accum = accum_steps_at(run.tokens_seen, full_accum_steps=full_accum, micro_step_tokens=micro_tokens,
+                           ramp_start_tokens=cfg.optim.batch_ramp_start_tokens, ramp_tokens=cfg.optim.batch_ramp_tokens)
+    batches = [tuple(x.to(info.device, non_blocking=True) for x in run.sampler.next_batch()) for _ in range(accum)]
+    stats = train_step(run.train_model, run.optimizer, batches, grad_clip=cfg.optim.grad_clip, autocast=autocast,
+                       scaler=run.scaler, dist_info=info, skip=spike)
+    return stats, lr, accum * micro_tokens
+
+
+class _Throughput:
+    """Tokens per second and MFU over the steps since the last logged one."""
+
+    def __init__(self, fpt: float, peak: float) -> None:
+        self.fpt, self.peak = fpt, peak
+        self.start = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+
+    def record(self, step: int, stats: StepStats, lr: float, tokens_seen: int) -> dict:
+        now = time.perf_counter()
+        tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_tokens = now, 0
+        return {"step": step, "train_loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu(self.fpt, tokens_per_s, self.peak), 5),
+                "tokens_seen": tokens_seen, "elapsed_s": round(now - self.start, 2)}
+
+
+def _loop(run: _Run, progress: bool) -> TrainResult:
+    """Optimizer steps with logging, evaluation, checkpoints, the non-finite stop and the time limit."""
+    cfg, t, info = run.cfg, run.cfg.train, run.info
+    full_accum = cfg.grad_accum_steps(info.world_size)
+    micro_tokens = t.micro_batch_size * cfg.model.context_length * info.world_size  # all ranks
+    fpt = flops_per_token(cfg.model)
+    meter = _Throughput(fpt, _announce(run, full_accum, micro_tokens, fpt) * info.world_size)
     fsdp_mixed = info.distributed and t.data_parallel == "fsdp"
     autocast = lambda: autocast_context(info.device, t.dtype, fsdp_mixed=fsdp_mixed)  # noqa: E731
     val_ok = len(run.val_tokens) > cfg.model.context_length
     spike = SpikeFilter(t.spike_zscore, t.spike_window)
     step, val_loss, skipped_total, bad_streak = run.start_step, float("nan"), 0, 0
-    start = window_start = time.perf_counter()
-    window_tokens = 0
     bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (progress and info.is_main_process))
     run.train_model.train()
     while step < t.max_steps:
-        lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, decay_steps=decay_steps,
-                   min_lr_ratio=cfg.optim.min_lr_ratio)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        accum = accum_steps_at(run.tokens_seen, full_accum_steps=full_accum, micro_step_tokens=micro_tokens,
-                               ramp_start_tokens=cfg.optim.batch_ramp_start_tokens,
-                               ramp_tokens=cfg.optim.batch_ramp_tokens)
-        batches = [tuple(x.to(info.device, non_blocking=True) for x in run.sampler.next_batch()) for _ in range(accum)]
-        stats = train_step(run.train_model, run.optimizer, batches, grad_clip=cfg.optim.grad_clip, autocast=autocast,
-                           scaler=run.scaler, dist_info=info, skip=spike)
+        stats, lr, step_tokens = _optimizer_step(run, step, full_accum=full_accum, micro_tokens=micro_tokens,
+                                                 autocast=autocast, spike=spike)
         step += 1
-        run.tokens_seen += accum * micro_tokens
-        window_tokens += accum * micro_tokens
+        run.tokens_seen += step_tokens
+        meter.window_tokens += step_tokens
         skipped_total += stats.skipped is not None
         bad_streak = bad_streak + 1 if stats.skipped and stats.skipped.startswith("non-finite") else 0
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.4f}", val=f"{val_loss:.4f}", refresh=False)
-        timed_out = t.max_time_s > 0 and time.perf_counter() - start >= t.max_time_s
+        timed_out = t.max_time_s > 0 and time.perf_counter() - meter.start >= t.max_time_s
         last = step == t.max_steps or timed_out
         record: dict = {}
         if step % t.log_interval == 0 or last or stats.skipped:
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            record = {"step": step, "train_loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                      "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu(fpt, tokens_per_s, peak * info.world_size), 5),
-                      "tokens_seen": run.tokens_seen, "elapsed_s": round(now - start, 2)}
-            if stats.skipped:
-                record.update(skipped=stats.skipped, skipped_total=skipped_total)
-                print0(f"step {step}: update skipped ({stats.skipped})")
-            window_start, window_tokens = now, 0
+            record = meter.record(step, stats, lr, run.tokens_seen)
+        if stats.skipped:
+            record.update(skipped=stats.skipped, skipped_total=skipped_total)
+            print0(f"step {step}: update skipped ({stats.skipped})")
         if bad_streak >= t.max_nonfinite_steps:
             if run.metrics:
                 run.metrics.write(record)
@@ -438,4 +466,4 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
             break
     bar.close()
     return TrainResult(run_dir=run.run_dir, steps=step, tokens_seen=run.tokens_seen, val_loss=val_loss,
-                       elapsed_s=time.perf_counter() - start, skipped_steps=skipped_total)
+                       elapsed_s=time.perf_counter() - meter.start, skipped_steps=skipped_total)
