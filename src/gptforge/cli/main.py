@@ -151,6 +151,29 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's latest checkpoint as a Hugging Face GPT-2 directory (config.json, model.safetensors,
+    tokenizer files) that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
+    from gptforge.checkpoint.convert import export_hf
+
+    if args.format != "hf":
+        raise GptforgeError(f"--format must be hf (Hugging Face GPT-2), got {args.format!r}")
+    print(f"exported {args.run_dir} as a GPT-2 model to {export_hf(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a local GPT-2-family checkpoint directory (config.json, model.safetensors or pytorch_model.bin,
+    tokenizer.json or vocab.json + merges.txt) as a gptforge run directory. Nothing is downloaded."""
+    from gptforge.checkpoint.convert import describe, import_hf
+
+    report = import_hf(args.src_dir, args.out)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(describe(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptforge", description="Pretrain and generate from GPT-3-architecture "
                                      "language models.")
@@ -212,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help=cmd_plot.__doc__, description=cmd_plot.__doc__)
     p.add_argument("run_dir", help="run directory holding metrics.jsonl")
     p.add_argument("--out", help="PNG file to write (RUN_DIR/metrics.png)")
+
+    p = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    p.add_argument("run_dir", help="run directory or checkpoint directory")
+    p.add_argument("--format", default="hf", help="hf: Hugging Face GPT-2 (the only format; default)")
+    p.add_argument("--out", required=True, help="new output directory")
+
+    p = sub.add_parser("import", help=cmd_import.__doc__, description=cmd_import.__doc__)
+    p.add_argument("src_dir", help="local GPT-2 checkpoint directory, e.g. one written by save_pretrained")
+    p.add_argument("--out", required=True, help="new run directory")
     return parser
 
 
@@ -224,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"pretrain": cmd_pretrain, "demo": cmd_demo, "plan": cmd_plan}[args.command](args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "generate": cmd_generate, "plot": cmd_plot}[args.command](args)
+        return {"prepare": cmd_prepare, "generate": cmd_generate, "plot": cmd_plot, "export": cmd_export,
+                "import": cmd_import}[args.command](args)
     except GptforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
