@@ -17,11 +17,27 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def skip_without_shared_data(path: Path) -> None:
+    """Skip a test that needs ../shared/data when it is absent; under CI (CI=true) that is a failure instead,
+    so a misplaced data folder can never turn the real-data tests into silent skips."""
+    message = f"shared data not found at {path} (set GPTFORGE_SHARED_DATA to the shared/data folder)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def skip_without_shared_data_msg(message: str) -> None:
+    """As `skip_without_shared_data`, with the caller's own message."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     path = shared_data_dir()
     if not (path / "tinyshakespeare" / "input.txt").is_file():
-        pytest.skip(f"shared data not found at {path}")
+        skip_without_shared_data(path)
     return path
 
 
@@ -66,7 +82,7 @@ def char_data(tmp_path_factory) -> Path:
 
     src = shared_data_dir() / "tinyshakespeare" / "input.txt"
     if not src.is_file():
-        pytest.skip(f"shared data not found at {src.parent}")
+        skip_without_shared_data(src.parent.parent)
     out = tmp_path_factory.mktemp("char") / "data"
     prepare(str(src), out, tokenizer="char", progress=False)
     return out

@@ -302,9 +302,11 @@ def load_config(*, preset: str | None = None, path: str | Path | None = None,
         if not path.is_file():
             raise GptforgeError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise GptforgeError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if tree is None:
+            raise GptforgeError(f"config file {path} is empty (expected sections {', '.join(SECTIONS)})")
         if not isinstance(tree, dict):
             raise GptforgeError(f"config file {path} must be a mapping with sections {', '.join(SECTIONS)}")
         _apply_tree(cfg, tree, str(path))

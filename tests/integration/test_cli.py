@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import gptforge
+from conftest import skip_without_shared_data_msg
 
 
 def run(*args, env_extra=None, check=True):
@@ -26,7 +27,7 @@ def trained_run(tmp_path_factory):
 
     src = shared_data_dir() / "tinyshakespeare" / "input.txt"
     if not src.is_file():
-        pytest.skip("shared data not found")
+        skip_without_shared_data_msg("shared data not found")
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "shakespeare_head.txt"
     corpus.write_bytes(src.read_bytes()[:60_000])
@@ -90,11 +91,19 @@ def test_generate_seeded_and_batched(trained_run):
     (["generate", "{tmp}/missing_run", "--prompt", "x"], "not found"),
     (["generate", "{run}", "--prompt", "x" * 2000], "context_length is 32"),
     (["generate", "{run}", "--prompt", "x", "--top_p", "0"], "top_p must be in (0, 1]"),
-    (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature must be a number >= 0"),
     (["generate", "{tmp}/corrupt", "--prompt", "x"], "corrupt"),
+    (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{run}"], "already holds checkpoints"),
+    (["pretrain", "--config", "{tmp}/empty.txt", "--data", "{run}/../data", "--out", "{tmp}/r"], "is empty"),
+    (["prepare", "--corpus", "{tmp}/c.txt.gz", "--out", "{tmp}/d", "--quiet"], "gzip-compressed"),
+    (["generate", "{run}", "--prompt", "x", "--device", "tpu"], "unknown device 'tpu'"),
+    (["generate", "{run}", "--prompt", "x", "--seed", "99999999999999999999999"], "seed must be an integer"),
 ])
 def test_bad_input_gives_one_line_error(trained_run, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
+    import gzip
+
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"some text\n" * 100))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     src = trained_run / "run" / "checkpoints" / "step_00000030"

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import gptforge  # noqa: E402
+from conftest import skip_without_shared_data_msg
 from gptforge.checkpoint.convert import export_hf, import_hf  # noqa: E402
 from gptforge.checkpoint.io import save_checkpoint  # noqa: E402
 from gptforge.config import Config, ModelConfig  # noqa: E402
@@ -43,7 +44,7 @@ def corpora():
 
     root = shared_data_dir()
     if not (root / "tinyshakespeare" / "input.txt").is_file() or not (root / "ptb" / "ptb.valid.txt").is_file():
-        pytest.skip(f"shared data not found at {root}")
+        skip_without_shared_data_msg(f"shared data not found at {root}")
     return {
         "tinyshakespeare/input.txt": (root / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"),
         "ptb/ptb.train.txt.gz": gzip.decompress((root / "ptb" / "ptb.train.txt.gz").read_bytes()).decode("utf-8"),

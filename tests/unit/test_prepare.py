@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import skip_without_shared_data_msg
 from gptforge.data import sources
 from gptforge.data.prepare import choose_dtype, load_meta, prepare
 from gptforge.data.sources import SHAKESPEARE_SHA256, iter_documents
@@ -181,7 +182,7 @@ def test_choose_dtype() -> None:
 
 def test_shakespeare_from_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+        skip_without_shared_data_msg(f"shared data not found at {SHARED_DATA}")
     monkeypatch.setenv("GPTFORGE_DATA_DIR", str(SHARED_DATA))
     monkeypatch.setenv("GPTFORGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(sources, "_download", lambda *a: pytest.fail("must not download"))

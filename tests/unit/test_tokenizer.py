@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import skip_without_shared_data_msg
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import (
     EOT_TEXT,
@@ -44,7 +45,7 @@ TRICKY = [
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
     if not SHAKESPEARE.is_file():
-        pytest.skip(f"shared data not found at {SHAKESPEARE} (set GPTFORGE_SHARED_DATA)")
+        skip_without_shared_data_msg(f"shared data not found at {SHAKESPEARE} (set GPTFORGE_SHARED_DATA)")
     return SHAKESPEARE.read_text(encoding="utf-8")[:8000]
 
 

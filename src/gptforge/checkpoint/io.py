@@ -166,6 +166,11 @@ def find_resume_checkpoint(path: str | Path) -> Path:
     found = sorted((p for p in (path / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
     if not found:
         raise GptforgeError(f"nothing to resume: no checkpoint in {path}/checkpoints")
+    latest = path / "checkpoints" / (path / "latest").read_text(encoding="utf-8").strip() \
+        if (path / "latest").is_file() else None
+    if latest in found:  # the run's own pointer first: after a resume from an older step it is not the newest
+        found.remove(latest)
+        found.insert(0, latest)
     for ckpt in found:
         try:
             verify_checkpoint(ckpt)
@@ -173,6 +178,22 @@ def find_resume_checkpoint(path: str | Path) -> Path:
         except GptforgeError as exc:
             print0(f"warning: skipping damaged checkpoint: {exc}")
     raise GptforgeError(f"nothing to resume: every checkpoint in {path}/checkpoints is damaged")
+
+
+def abandon_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Move checkpoints newer than `step` (an abandoned future, after resuming from an older one) into
+    RUN_DIR/checkpoints/abandoned/, so they are neither lost nor mistaken for this run's. Returns the moved paths."""
+    root = Path(run_dir) / "checkpoints"
+    later = [p for p in root.glob("step_*") if p.is_dir() and int(p.name.split("_")[1]) > step]
+    moved = []
+    for ckpt in sorted(later):
+        target = root / "abandoned" / ckpt.name
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(exist_ok=True)
+        ckpt.rename(target)
+        moved.append(target)
+    return moved
 
 
 def load_torch_file(path: Path) -> Any:

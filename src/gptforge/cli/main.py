@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.logging import is_main_process
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -41,6 +43,8 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
     result = pretrain(cfg, args.data, args.out, progress=not args.quiet, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens) in {result.elapsed_s:.0f} s; "
           f"val loss {result.val_loss:.4f}; checkpoint in {result.run_dir}")
     return 0
@@ -57,8 +61,9 @@ def _resume_config(path: str, overrides):
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a run directory (its latest checkpoint) or a checkpoint directory."""
     import gptforge
+    from gptforge.utils.device import resolve_device
 
-    lm = gptforge.load(args.run_dir, device=args.device)
+    lm = gptforge.load(args.run_dir, device=str(resolve_device(args.device)))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
                   seed=args.seed)
@@ -95,7 +100,11 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     if args.max_time_s is not None:
         overrides.append(("max_time_s", args.max_time_s))
     cfg = load_config(preset="demo", overrides=overrides)  # validate before the slow steps
-    print(f"[1/3] preparing corpus '{args.corpus}' (byte-level BPE, vocab {args.vocab_size}) into {data}")
+    if (out / "checkpoints").is_dir() and (out / "config.yaml").is_file() and data.is_dir():
+        print(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    kind = f"byte-level BPE, vocab {args.vocab_size}" if args.tokenizer == "bpe" else f"tokenizer {args.tokenizer}"
+    print(f"[1/3] preparing corpus '{args.corpus}' ({kind}) into {data}")
     meta = prepare(args.corpus, data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, progress=True)
     print(f"      {meta['documents']} documents, {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} "
           f"val tokens")
@@ -274,5 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = " (continue with the same command plus --resume)" if args.command == "pretrain" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130

@@ -93,6 +93,9 @@ def prepare(
     corpus = os.fspath(corpus)
     out = Path(out_dir)
     _check_args(out, tokenizer, vocab_size, val_fraction)
+    if Path(corpus).is_dir() and out.resolve().is_relative_to(Path(corpus).resolve()):
+        raise GptforgeError(f"--out {out} is inside the corpus folder {corpus}; its outputs would become corpus "
+                            "documents next time (choose an --out outside it)")
     tok = _get_tokenizer(corpus, tokenizer, vocab_size, text_field, progress)
     dtype = choose_dtype(tok.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,9 @@ def prepare(
         }
         atomic_write_json(tmp / META_FILE, meta)
         _install(tmp, out, [*SPLIT_FILES, tokenizer_file])
+        if stats["replaced_bytes"] > 0.01 * max(1, stats["bytes"]):
+            print(f"warning: {stats['replaced_bytes']:,} of {stats['bytes']:,} input bytes were not valid UTF-8 and "
+                  "became U+FFFD; is the corpus binary or in another encoding?", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

@@ -199,6 +199,10 @@ def _line_cut(text: str) -> int:
             return j
 
 
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+                    b"PK\x03\x04": "zip"}
+
+
 def _iter_text_file(path: Path) -> Iterator[Document]:
     """Yield a text file as chunks of about CHUNK_BYTES cut at line boundaries, decoded with counting."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="gptforge.count_replace")
@@ -211,6 +215,11 @@ def _iter_text_file(path: Path) -> Iterator[Document]:
     except OSError as exc:
         raise GptforgeError(f"cannot read {path}: {exc.strerror}") from None
     with f:
+        head = f.read(4)
+        for magic, kind in COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise GptforgeError(f"{path} is {kind}-compressed; decompress it first (gptforge reads plain text)")
+        f.seek(0)
         while data := f.read(CHUNK_BYTES):
             _counter.replaced = 0
             pending += decoder.decode(data)

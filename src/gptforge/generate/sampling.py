@@ -5,6 +5,7 @@ Legend: B batch rows, V vocab_size. All functions take and return logits (B, V) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,17 +32,20 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 means off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 means off)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 means off)"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty text"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0"),
+            (finite and self.temperature >= 0, "temperature", "a number >= 0 (0 means greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 means off)"),
+            (finite and 0 < self.top_p <= 1, "top_p", "in (0, 1] (1 means off)"),
+            (finite and self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 means off)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty text"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "seed",
+             "an integer in [0, 2**63)"),
         ]
-        for ok, message in checks:
+        for ok, name, allowed in checks:
             if not ok:
-                raise GptforgeError(f"{message}, got {self!r}")
+                raise GptforgeError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptforge.checkpoint.io import (
+    abandon_later_checkpoints,
     find_checkpoint,
     find_resume_checkpoint,
     full_model_state,
@@ -46,6 +49,7 @@ from gptforge.tokenizer import load_tokenizer
 from gptforge.train.optim import build_optimizer
 from gptforge.train.rng import capture_rng, restore_rng
 from gptforge.train.schedule import accum_steps_at, lr_at
+from gptforge.utils.device import resolve_device
 from gptforge.utils.gpus import peak_flops_for
 from gptforge.utils.io import atomic_write_text
 from gptforge.utils.logging import MetricsWriter, print0
@@ -79,17 +83,6 @@ class StepStats(tuple):
 
     loss = property(lambda self: self[0])
     grad_norm = property(lambda self: self[1])
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
@@ -259,6 +252,9 @@ def _build(cfg: Config, data_dir: Path, run_dir: Path, info: DistInfo, resume: s
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
+    if not resume and any((run_dir / "checkpoints").glob("step_*")):
+        raise GptforgeError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
+                            "a new --out (nothing was changed)")
     ckpt = find_resume_checkpoint(run_dir if resume == "latest" else resume) if resume else None
     if ckpt:
         cfg.model = _resume_model_config(cfg, ckpt)
@@ -312,6 +308,9 @@ def _restore(run: _Run, ckpt: Path) -> None:
         run.scaler.load_state_dict(trainer["scaler"])
     state = read_json(ckpt / "state.json")
     run.start_step, run.tokens_seen = state["step"], state["tokens_seen"]
+    if run.info.is_main_process and ckpt.parent == run.run_dir / "checkpoints":
+        for moved in abandon_later_checkpoints(run.run_dir, run.start_step):
+            print0(f"note: moved checkpoint from after step {run.start_step} aside to {moved}")
     metrics = run.run_dir / "metrics.jsonl"
     if run.info.is_main_process and metrics.is_file():  # drop lines logged after the checkpoint
         keep = [line for line in metrics.read_text(encoding="utf-8").splitlines()
@@ -396,6 +395,32 @@ def _optimizer_step(run: _Run, step: int, *, full_accum: int, micro_tokens: int,
     return stats, lr, accum * micro_tokens
 
 
+class _Interrupt:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, with a checkpoint; a second
+    Ctrl-C interrupts at once. Under torchrun the request is agreed over all ranks (an all-reduce per step)."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info, self.requested, self.previous = info, False, None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        print0("\ninterrupt: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)")
+        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def stop_now(self) -> bool:
+        flag = torch.tensor(float(self.requested), device=self.info.device)
+        return bool(all_reduce_sum(flag, self.info).item() > 0)
+
+
 class _Throughput:
     """Tokens per second and MFU over the steps since the last logged one."""
 
@@ -423,11 +448,26 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
     fsdp_mixed = info.distributed and t.data_parallel == "fsdp"
     autocast = lambda: autocast_context(info.device, t.dtype, fsdp_mixed=fsdp_mixed)  # noqa: E731
     val_ok = len(run.val_tokens) > cfg.model.context_length
+    if not val_ok:
+        print0(f"warning: the validation split has {len(run.val_tokens)} tokens, fewer than context_length + 1 = "
+               f"{cfg.model.context_length + 1}; no val loss will be computed (prepare with a larger --val_fraction)")
     spike = SpikeFilter(t.spike_zscore, t.spike_window)
-    step, val_loss, skipped_total, bad_streak = run.start_step, float("nan"), 0, 0
-    bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=t.max_steps, initial=run.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (progress and info.is_main_process))
     run.train_model.train()
+    with _Interrupt(info) as interrupt:
+        step, val_loss, skipped_total = _steps(run, bar, meter, autocast, spike, val_ok, interrupt, full_accum,
+                                               micro_tokens)
+    bar.close()
+    return TrainResult(run_dir=run.run_dir, steps=step, tokens_seen=run.tokens_seen, val_loss=val_loss,
+                       elapsed_s=time.perf_counter() - meter.start, skipped_steps=skipped_total)
+
+
+def _steps(run: _Run, bar, meter: _Throughput, autocast, spike: SpikeFilter, val_ok: bool, interrupt: _Interrupt,
+           full_accum: int, micro_tokens: int) -> tuple[int, float, int]:
+    """The step loop proper; returns (last step, last val loss, skipped steps)."""
+    cfg, t, info = run.cfg, run.cfg.train, run.info
+    step, val_loss, skipped_total, bad_streak = run.start_step, float("nan"), 0, 0
     while step < t.max_steps:
         stats, lr, step_tokens = _optimizer_step(run, step, full_accum=full_accum, micro_tokens=micro_tokens,
                                                  autocast=autocast, spike=spike)
@@ -459,11 +499,13 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
             print0(f"step {step}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}")
         if record and run.metrics:
             run.metrics.write(record)
-        if step % t.checkpoint_interval == 0 or last:
+        stop = interrupt.stop_now()
+        if step % t.checkpoint_interval == 0 or last or stop:
             _save(run, step, val_loss)
+        if stop:
+            print0(f"interrupted at step {step}; checkpoint written")
+            raise KeyboardInterrupt
         if timed_out:
             print0(f"stopping at step {step}: train.max_time_s={t.max_time_s:g} reached")
             break
-    bar.close()
-    return TrainResult(run_dir=run.run_dir, steps=step, tokens_seen=run.tokens_seen, val_loss=val_loss,
-                       elapsed_s=time.perf_counter() - meter.start, skipped_steps=skipped_total)
+    return step, val_loss, skipped_total
