@@ -84,7 +84,7 @@ def test_generate_seeded_and_batched(trained_run):
     (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_head", "3"],
      "model.n_head=3 must divide"),
     (["pretrain", "--data", "{run}/../data", "--out", "{tmp}/r"], "exactly one of --preset"),
-    (["pretrain", "--data", "{run}/../data", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+    (["pretrain", "--data", "{run}/../data", "--out", "{tmp}/r", "--resume"], "no checkpoint in"),
     (["pretrain", "--data", "{run}/../data", "--out", "{tmp}/r", "--resume", "{tmp}/corrupt"], "sha256 mismatch"),
     (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{run}", "--resume", "--n_layer", "3"],
      "cannot resume: model.n_layer=3"),

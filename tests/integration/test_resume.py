@@ -152,3 +152,17 @@ def test_activation_checkpointing_matches_plain(char_data, tmp_path):
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000003" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_inference_load_skips_a_damaged_checkpoint_and_ignores_training_only_files(reference, tmp_path):
+    from gptforge.checkpoint.io import load_checkpoint
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    older, newest = sorted((run / "checkpoints").iterdir())[-2:]
+    (newest / "optimizer.pt").write_bytes(b"garbage")  # not needed for inference
+    assert load_checkpoint(run)[3]["step"] == 60
+    (newest / "model.safetensors").write_bytes(b"\0" * 10)
+    assert load_checkpoint(run)[3]["step"] == int(older.name.split("_")[1])
+    with pytest.raises(GptforgeError, match="model.safetensors"):
+        load_checkpoint(newest)

@@ -133,8 +133,12 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                              options=StateDictOptions(full_state_dict=True))
 
 
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check a checkpoint's manifest: every file present with the recorded sha256. Returns state.json.
+INFERENCE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "char_tokenizer.json")
+
+
+def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check a checkpoint's manifest: every file (or those named in `only`) present with the recorded sha256.
+    Returns state.json.
 
     Raises:
         GptforgeError: naming the missing, truncated or corrupt file.
@@ -144,6 +148,8 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         raise GptforgeError(f"{ckpt} has checkpoint schema {state['schema_version']}; this gptforge reads up to "
                             f"{SCHEMA_VERSION} (upgrade gptforge)")
     for name, digest in state.get("files", {}).items():
+        if only is not None and name not in only:
+            continue
         path = ckpt / name
         if not path.is_file():
             raise GptforgeError(f"checkpoint file missing: {path}")
@@ -152,7 +158,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def find_resume_checkpoint(path: str | Path) -> Path:
+def find_resume_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> Path:
     """The checkpoint to resume from: `path` itself if it is a checkpoint (verified; an error if damaged), else
     the newest checkpoint of the run directory that verifies, falling back past damaged ones with a warning.
 
@@ -161,11 +167,11 @@ def find_resume_checkpoint(path: str | Path) -> Path:
     """
     path = Path(path)
     if (path / "state.json").is_file() or (path / "model.safetensors").is_file():
-        verify_checkpoint(path)
+        verify_checkpoint(path, only)
         return path
     found = sorted((p for p in (path / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
     if not found:
-        raise GptforgeError(f"nothing to resume: no checkpoint in {path}/checkpoints")
+        raise GptforgeError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*; is it a run directory?)")
     latest = path / "checkpoints" / (path / "latest").read_text(encoding="utf-8").strip() \
         if (path / "latest").is_file() else None
     if latest in found:  # the run's own pointer first: after a resume from an older step it is not the newest
@@ -173,11 +179,11 @@ def find_resume_checkpoint(path: str | Path) -> Path:
         found.insert(0, latest)
     for ckpt in found:
         try:
-            verify_checkpoint(ckpt)
+            verify_checkpoint(ckpt, only)
             return ckpt
         except GptforgeError as exc:
             print0(f"warning: skipping damaged checkpoint: {exc}")
-    raise GptforgeError(f"nothing to resume: every checkpoint in {path}/checkpoints is damaged")
+    raise GptforgeError(f"every checkpoint in {path}/checkpoints is damaged")
 
 
 def abandon_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
@@ -272,9 +278,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     from gptforge.model.gpt import GPT
     from gptforge.tokenizer import load_tokenizer
 
-    ckpt = find_checkpoint(path)
+    if not Path(path).exists():
+        raise GptforgeError(f"run or checkpoint directory not found: {path}")
+    ckpt = find_resume_checkpoint(path, only=INFERENCE_FILES)  # the newest checkpoint whose weights are intact
     cfg: Config = config_from_dict(read_json(ckpt / "config.json"))
-    state = verify_checkpoint(ckpt)
+    state = read_json(ckpt / "state.json")
     tokenizer = load_tokenizer(ckpt)
     model = GPT(cfg.model)
     load_weights(model, ckpt / "model.safetensors")
