@@ -53,9 +53,13 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
-    """Destroy the process group if `init_distributed` created it."""
+    """Destroy the process group if `init_distributed` created it, after every rank got here (destroying it while
+    a peer is still finishing, e.g. writing a checkpoint, can abort gloo's threads)."""
     if info.initialised_here and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
