@@ -144,20 +144,22 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def _load_exportable(run_dir: str | Path):
-    """Load the checkpoint after checking, from its config alone, that GPT-2 can represent it."""
+    """Load the checkpoint after checking, from its config and tokenizer alone, that GPT-2 can represent it."""
+    from gptforge.tokenizer import load_tokenizer
+
     ckpt = find_checkpoint(run_dir)
     cfg = config_from_dict(read_json(ckpt / "config.json"))
     features = unsupported_features(cfg.model)
     if features:
         raise GptforgeError(f"cannot export {ckpt} in GPT-2 format: the model uses {'; '.join(features)}")
-    model, cfg, tokenizer, state = load_checkpoint(ckpt)
+    tokenizer = load_tokenizer(ckpt)
     if tokenizer.kind != "bpe":
         raise GptforgeError(f"cannot export {ckpt} in GPT-2 format: its tokenizer is {tokenizer.kind}-level; GPT-2 "
                             f"tokenizers are byte-level BPE (prepare the data with --tokenizer bpe)")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise GptforgeError(f"cannot export {ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                             f"vocab_size is {cfg.model.vocab_size}")
-    return model, cfg, tokenizer, state
+    return load_checkpoint(ckpt)
 
 
 def _fresh_output(path: str | Path) -> Path:

@@ -5,6 +5,11 @@ the CLI. Prompts of different lengths are left-padded (the cache gives each row 
 hides its padding). When a row would outgrow the context window, the window slides: the cache is rebuilt
 from the last `C - C // 4` tokens of every row, so each later logit equals a full forward pass over exactly
 the tokens the cache holds (learned absolute positions make reusing shifted keys impossible).
+
+Speed: decoding streams every weight matrix from memory once per step, so on CPU it is bound by memory
+bandwidth and by the matrix-multiply kernels. It runs under `torch.inference_mode()`, which lets
+`model/linear.py` use oneDNN, the faster kernels for these few-row products. The cache holds only the slots
+a call can use, and the last token is never fed back.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def _left_pad(rows: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Ten
     return tokens, pads
 
 
-@torch.no_grad()
+@torch.inference_mode()  # also selects the fastest CPU kernels, see model/linear.py
 def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, *, eot_id: int,
                 finished: set[int] | None = None) -> Iterator[list[tuple[int, int]]]:
     """Generate up to `params.max_new_tokens` tokens per prompt.
@@ -48,7 +53,7 @@ def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: Sampli
     device = next(model.parameters()).device
     finished = set() if finished is None else finished
     rows = [list(p) if p else [eot_id] for p in prompts]  # an empty prompt starts from end-of-text
-    B, V = len(rows), cfg.vocab_size
+    B, V, n_new = len(rows), cfg.vocab_size, params.max_new_tokens
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
     seen = None
@@ -56,7 +61,10 @@ def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: Sampli
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
         for b, r in enumerate(rows):
             seen[b, torch.tensor(r, device=device)] = True
-    cache = KVCache(n_layer=cfg.n_layer, batch_size=B, n_head=cfg.n_head, d_head=cfg.d_head, capacity=C,
+    # Slots for the prompt and every new token but the last (it is never fed back); the whole window only
+    # when the window may slide.
+    capacity = min(C, max(len(r) for r in rows) + max(n_new - 1, 0))
+    cache = KVCache(n_layer=cfg.n_layer, batch_size=B, n_head=cfg.n_head, d_head=cfg.d_head, capacity=capacity,
                     device=device, dtype=next(model.parameters()).dtype)
 
     def prefill(keep: int) -> torch.Tensor:
@@ -64,8 +72,10 @@ def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: Sampli
         cache.reset(pads)
         return model(tokens, kv_cache=cache)[:, -1]  # (B, V)
 
+    if n_new == 0:
+        return
     logits = prefill(C)
-    for _ in range(params.max_new_tokens):
+    for step in range(n_new):
         nxt = sample_next(logits, params, seen=seen, generator=generator)  # (B,)
         out = []
         for b, tok in enumerate(nxt.tolist()):
@@ -78,7 +88,7 @@ def iter_tokens(model: torch.nn.Module, prompts: list[list[int]], params: Sampli
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         yield out
-        if len(finished) >= B:
+        if len(finished) >= B or step == n_new - 1:
             return
         if cache.length == C:
             logits = prefill(C - max(1, C // 4))

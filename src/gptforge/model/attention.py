@@ -13,6 +13,7 @@ from torch import nn
 
 from gptforge.config import ModelConfig
 from gptforge.model.kv_cache import KVCache
+from gptforge.model.linear import linear
 
 
 def band_mask(n_tokens: int, window: int, device: torch.device) -> torch.Tensor:
@@ -38,10 +39,8 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, D) -> (B, T, D). With `kv_cache`, keys/values of earlier tokens come from the cache and
         `attn_mask` is the cache's mask for this layer's band (None: attend to every cached key)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
-        v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+        qkv = linear(x, self.qkv).view(B, T, 3, self.n_head, self.d_head)  # (B, T, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh), views (few ops per decoded token)
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, H, S, Dh)
@@ -53,4 +52,4 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.proj(y)
+        return linear(y, self.proj)

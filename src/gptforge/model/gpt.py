@@ -19,6 +19,7 @@ from gptforge.config import ModelConfig
 from gptforge.errors import GptforgeError
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.kv_cache import KVCache
+from gptforge.model.linear import linear
 
 IGNORE_INDEX = -100
 
@@ -32,7 +33,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return linear(F.gelu(linear(x, self.fc), approximate="tanh"), self.proj)
 
 
 class Block(nn.Module):
@@ -122,7 +123,7 @@ class GPT(nn.Module):
             x = self.blocks[i // group](x, window=window, layer=i, kv_cache=kv_cache, attn_mask=masks.get(window))
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits = linear(self.ln_f(x), self.lm_head)  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -24,8 +24,9 @@ class KVCache:
     def __init__(self, *, n_layer: int, batch_size: int, n_head: int, d_head: int, capacity: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         shape = (n_layer, batch_size, n_head, capacity, d_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Uninitialised: a slot is always written before attention reads it (reads stop at `length`).
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.key_valid = torch.ones(batch_size, capacity, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -76,10 +77,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values (B, H, n_new, Dh) for `layer`; return all of them (B, H, length + n_new, Dh)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        n_new = k.shape[2]
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, H, S, Dh)
+        k_all.narrow(2, self.length, n_new).copy_(k)
+        v_all.narrow(2, self.length, n_new).copy_(v)
+        return k_all.narrow(2, 0, self.length + n_new), v_all.narrow(2, 0, self.length + n_new)
 
     def advance(self, n_new: int) -> None:
         """Mark `n_new` slots as filled (called once per forward, after every layer has stored its keys)."""
