@@ -121,3 +121,29 @@ def test_gpt2_config_round_trips(tiny_cfg, tmp_path):
     assert hf["n_inner"] is None and hf["activation_function"] == "gelu_new" and hf["eos_token_id"] == 7
     back, notes = model_config_from_gpt2(hf, source=tmp_path)
     assert back == cfg and notes == []
+
+
+def test_tokenizer_import_refuses_settings_that_break_exact_round_trips(tmp_path):
+    import json
+
+    from gptforge.checkpoint.hf_tokenizer import export_tokenizer, import_tokenizer
+    from gptforge.tokenizer import train_bpe
+
+    good = tmp_path / "good"
+    export_tokenizer(train_bpe(["hello world, hello tokenizer"] * 20, vocab_size=280), good, context_length=16)
+    tokenizer, source = import_tokenizer(good)
+    assert source == good / "tokenizer.json" and tokenizer.decode(tokenizer.encode(" hi there")) == " hi there"
+    data = json.loads((good / "tokenizer.json").read_text())
+    for name, change, message in [
+        ("prefix", {"pre_tokenizer": {**data["pre_tokenizer"], "add_prefix_space": True}}, "add_prefix_space true"),
+        ("normalizer", {"normalizer": {"type": "NFKC"}}, r"a normalizer \(NFKC\)"),
+        ("split", {"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer 'Whitespace'"),
+    ]:
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "tokenizer.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(GptforgeError, match=message):
+            import_tokenizer(bad)
+    (good / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": True}))
+    with pytest.raises(GptforgeError, match="tokenizer_config.json: add_prefix_space true"):
+        import_tokenizer(good)
