@@ -13,10 +13,7 @@ import contextlib
 import dataclasses
 import math
 import random
-import signal
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,7 @@ from gptforge.distributed.parallelize import gradient_sync, parallelize
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, IGNORE_INDEX, flops_per_token
 from gptforge.tokenizer import load_tokenizer
+from gptforge.train.guards import Interrupt, SpikeFilter
 from gptforge.train.optim import build_optimizer
 from gptforge.train.rng import capture_rng, restore_rng
 from gptforge.train.schedule import accum_steps_at, lr_at
@@ -162,22 +160,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, grad_norm, skipped)
-
-
-class SpikeFilter:
-    """Flags a loss more than `zscore` standard deviations above the mean of the last `window` accepted losses."""
-
-    def __init__(self, zscore: float, window: int) -> None:
-        self.zscore, self.history = zscore, deque(maxlen=window)
-
-    def __call__(self, loss: float) -> str | None:
-        if self.zscore > 0 and len(self.history) == self.history.maxlen:
-            mean = sum(self.history) / len(self.history)
-            std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / len(self.history))
-            if std > 0 and (loss - mean) / std > self.zscore:
-                return f"loss spike ({loss:.4f} is {(loss - mean) / std:.1f} std above the recent mean)"
-        self.history.append(loss)
-        return None
 
 
 @torch.no_grad()
@@ -395,32 +377,6 @@ def _optimizer_step(run: _Run, step: int, *, full_accum: int, micro_tokens: int,
     return stats, lr, accum * micro_tokens
 
 
-class _Interrupt:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, with a checkpoint; a second
-    Ctrl-C interrupts at once. Under torchrun the request is agreed over all ranks (an all-reduce per step)."""
-
-    def __init__(self, info: DistInfo) -> None:
-        self.info, self.requested, self.previous = info, False, None
-
-    def __enter__(self) -> _Interrupt:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        print0("\ninterrupt: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)")
-        signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def stop_now(self) -> bool:
-        flag = torch.tensor(float(self.requested), device=self.info.device)
-        return bool(all_reduce_sum(flag, self.info).item() > 0)
-
-
 class _Throughput:
     """Tokens per second and MFU over the steps since the last logged one."""
 
@@ -455,7 +411,7 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
     bar = tqdm(total=t.max_steps, initial=run.start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (progress and info.is_main_process))
     run.train_model.train()
-    with _Interrupt(info) as interrupt:
+    with Interrupt(info) as interrupt:
         step, val_loss, skipped_total = _steps(run, bar, meter, autocast, spike, val_ok, interrupt, full_accum,
                                                micro_tokens)
     bar.close()
@@ -463,7 +419,7 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
                        elapsed_s=time.perf_counter() - meter.start, skipped_steps=skipped_total)
 
 
-def _steps(run: _Run, bar, meter: _Throughput, autocast, spike: SpikeFilter, val_ok: bool, interrupt: _Interrupt,
+def _steps(run: _Run, bar, meter: _Throughput, autocast, spike: SpikeFilter, val_ok: bool, interrupt: Interrupt,
            full_accum: int, micro_tokens: int) -> tuple[int, float, int]:
     """The step loop proper; returns (last step, last val loss, skipped steps)."""
     cfg, t, info = run.cfg, run.cfg.train, run.info
