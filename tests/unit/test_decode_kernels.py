@@ -14,10 +14,10 @@ from gptforge.model.kv_cache import KVCache
 from gptforge.model.linear import linear
 
 
-@pytest.mark.parametrize("shape", [(1, 32), (8, 32), (2, 5, 32)])
+@pytest.mark.parametrize("shape", [(1, 384), (8, 384), (2, 5, 384)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_the_layer(shape, bias):
-    layer = nn.Linear(32, 48, bias=bias)
+    layer = nn.Linear(384, 400, bias=bias)  # above ONEDNN_MIN_WEIGHTS: the oneDNN route in inference mode
     x = torch.randn(shape)
     expected = layer(x)
     assert torch.equal(linear(x, layer), expected)  # autograd on: the layer itself, bit for bit
@@ -29,6 +29,12 @@ def test_linear_matches_the_layer(shape, bias):
     torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-5)
     # the oneDNN route really ran (it switches itself off if this PyTorch build's op misbehaves)
     assert linear_module._onednn_linear is not None or not torch.backends.mkldnn.is_available()
+
+
+def test_small_layers_stay_with_the_layer_itself():
+    layer, x = nn.Linear(64, 64), torch.randn(4, 64)  # 4k weights: MKL's lower per-call cost wins
+    with torch.inference_mode():
+        assert torch.equal(linear(x, layer), layer(x))
 
 
 def test_linear_leaves_wrapped_layers_to_their_forward():
@@ -43,7 +49,8 @@ def test_linear_leaves_wrapped_layers_to_their_forward():
 
 @pytest.mark.parametrize("variant", [{}, {"attention_pattern": "local,dense", "local_window": 5},
                                      {"shared_layer_group": 2}])
-def test_kv_cache_in_inference_mode_matches_full_forward(tiny_cfg, variant):
+def test_kv_cache_in_inference_mode_matches_full_forward(tiny_cfg, variant, monkeypatch):
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHTS", 0)  # the tiny model's matrices take oneDNN too
     model = GPT(dataclasses.replace(tiny_cfg, **variant)).eval()
     tokens = torch.randint(0, 256, (3, 16))
     full = model(tokens)
