@@ -97,6 +97,8 @@ def test_gpt2_config_aliases_and_dropout_note(tmp_path):
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ({"add_cross_attention": True}, "add_cross_attention"),
     ({"n_head": 5}, "n_head=5 must divide"),
+    ({"n_layer": "twelve"}, "n_layer must be an integer, got 'twelve'"),
+    ({"resid_pdrop": None, "layer_norm_epsilon": "small"}, "layer_norm_epsilon must be a number"),
 ])
 def test_gpt2_config_refusals_name_the_setting(tmp_path, change, message):
     with pytest.raises(GptforgeError, match=message) as info:

@@ -191,12 +191,17 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _field(hf: dict, names: tuple[str, ...], default):
-    """The first of `names` present in a GPT-2 config.json (GPT2Config's attribute aliases), else `default`."""
-    for name in names:
-        if hf.get(name) is not None:
-            return hf[name]
-    return default
+def _field(hf: dict, names: tuple[str, ...], default, kind: type, source: Path):
+    """The first of `names` present in a GPT-2 config.json (GPT2Config's attribute aliases), else `default`,
+    as `kind` (int or float).
+
+    Raises:
+        GptforgeError: the value is not a number of that kind.
+    """
+    name, value = next(((n, hf[n]) for n in names if hf.get(n) is not None), (names[0], default))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise GptforgeError(f"{source}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def model_config_from_gpt2(hf: dict, *, source: Path) -> tuple[ModelConfig, list[str]]:
@@ -208,15 +213,17 @@ def model_config_from_gpt2(hf: dict, *, source: Path) -> tuple[ModelConfig, list
     Raises:
         GptforgeError: not a GPT-2 config, or a setting gptforge's model cannot reproduce (naming `source`).
     """
+    if not isinstance(hf, dict):
+        raise GptforgeError(f"{source} is not a model config (expected a JSON object)")
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise GptforgeError(f"{source}: model_type is {model_type!r}; only GPT-2-family checkpoints (model_type "
                             f"'gpt2') can be imported")
-    d_model = _field(hf, ("n_embd", "hidden_size"), 768)
+    d_model = _field(hf, ("n_embd", "hidden_size"), 768, int, source)
     refusals = [
         (hf.get("activation_function", "gelu_new") in TANH_GELUS,
          f"activation_function {hf.get('activation_function')!r} (gptforge uses the tanh GELU, 'gelu_new')"),
-        (abs(float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)) - LAYER_NORM_EPS) < 1e-12,
+        (abs(_field(hf, ("layer_norm_epsilon",), LAYER_NORM_EPS, float, source) - LAYER_NORM_EPS) < 1e-12,
          f"layer_norm_epsilon {hf.get('layer_norm_epsilon')} (gptforge uses {LAYER_NORM_EPS})"),
         (hf.get("n_inner") in (None, 4 * d_model), f"n_inner {hf.get('n_inner')} (gptforge's MLP is 4 * n_embd)"),
         (hf.get("scale_attn_weights", True), "scale_attn_weights false (gptforge scales by 1/sqrt(d_head))"),
@@ -226,17 +233,18 @@ def model_config_from_gpt2(hf: dict, *, source: Path) -> tuple[ModelConfig, list
     bad = [message for ok, message in refusals if not ok]
     if bad:
         raise GptforgeError(f"{source}: cannot import a GPT-2 with {'; '.join(bad)}")
-    dropouts = {name: float(hf.get(name, 0.1)) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    dropouts = {name: _field(hf, (name,), 0.1, float, source) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     notes = []
     if len(set(dropouts.values())) > 1:
         notes.append(f"GPT-2 dropouts differ ({', '.join(f'{k} {v:g}' for k, v in dropouts.items())}); gptforge "
                      f"has one dropout, set to resid_pdrop {dropouts['resid_pdrop']:g}")
     cfg = ModelConfig(
-        vocab_size=int(hf.get("vocab_size", 50257)),
-        n_layer=int(_field(hf, ("n_layer", "num_hidden_layers"), 12)),
-        n_head=int(_field(hf, ("n_head", "num_attention_heads"), 12)),
-        d_model=int(d_model),
-        context_length=int(_field(hf, ("n_positions", "max_position_embeddings", "n_ctx", "block_size"), 1024)),
+        vocab_size=_field(hf, ("vocab_size",), 50257, int, source),
+        n_layer=_field(hf, ("n_layer", "num_hidden_layers"), 12, int, source),
+        n_head=_field(hf, ("n_head", "num_attention_heads"), 12, int, source),
+        d_model=d_model,
+        context_length=_field(hf, ("n_positions", "max_position_embeddings", "n_ctx", "block_size"), 1024, int,
+                              source),
         dropout=dropouts["resid_pdrop"],
     )
     try:
