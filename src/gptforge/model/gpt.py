@@ -20,8 +20,9 @@ from gptforge.errors import GptforgeError
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.kv_cache import KVCache
 from gptforge.model.linear import linear
+from gptforge.model.loss import IGNORE_INDEX, loss_sum
 
-IGNORE_INDEX = -100
+__all__ = ["GPT", "IGNORE_INDEX", "count_parameters", "flops_per_token"]
 
 
 class MLP(nn.Module):
@@ -90,18 +91,15 @@ class GPT(nn.Module):
         """Distinct trainable parameters (the tied head and shared layers counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None):
-        """Next-token logits.
+    def hidden(self, tokens: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk: token ids -> final hidden states (after the last LayerNorm), for any head on top.
 
         Args:
             tokens: (B, T) int64 token ids, T <= context_length (with a cache: T new tokens that fit in it).
-            targets: optional (B, T) int64 next-token ids; IGNORE_INDEX (-100) positions are skipped.
             kv_cache: optional cache for incremental decoding; it is read, extended and advanced by T.
 
         Returns:
-            logits (B, T, V) in the parameter dtype, or `(logits, loss)` with targets, where loss is the
-            mean cross-entropy (float32 scalar, nats per token) over non-ignored targets.
+            hidden (B, T, D) in the parameter dtype (or the autocast dtype).
 
         Raises:
             GptforgeError: T exceeds context_length (or the cache's free slots).
@@ -123,11 +121,28 @@ class GPT(nn.Module):
             x = self.blocks[i // group](x, window=window, layer=i, kv_cache=kv_cache, attn_mask=masks.get(window))
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = linear(self.ln_f(x), self.lm_head)  # (B, T, V)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None):
+        """Next-token logits: the trunk (`hidden`) and the language-model head.
+
+        Args:
+            tokens: (B, T) int64 token ids, T <= context_length (with a cache: T new tokens that fit in it).
+            targets: optional (B, T) int64 next-token ids; IGNORE_INDEX (-100) positions are skipped.
+            kv_cache: optional cache for incremental decoding; it is read, extended and advanced by T.
+
+        Returns:
+            logits (B, T, V) in the parameter dtype, or `(logits, loss)` with targets, where loss is the
+            mean cross-entropy (float32 scalar, nats per token) over non-ignored targets.
+
+        Raises:
+            GptforgeError: T exceeds context_length (or the cache's free slots).
+        """
+        logits = linear(self.hidden(tokens, kv_cache=kv_cache), self.lm_head)  # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return logits, loss_sum(logits, targets) / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def count_parameters(cfg: ModelConfig) -> int:
