@@ -14,9 +14,10 @@ import time
 import torch
 
 from gptforge.config import ModelConfig, OptimConfig
+from gptforge.data.batches import Batch
 from gptforge.model.gpt import GPT, flops_per_token
-from gptforge.train.loop import train_step
 from gptforge.train.optim import build_optimizer
+from gptforge.train.step import train_step
 from gptforge.utils.metrics import measure_peak_flops
 
 SHAPES = {  # name: (model config, micro_batch_size in sequences)
@@ -59,7 +60,7 @@ class Trainer:
         start = time.perf_counter()
         for i in range(n):
             batch = self.data[i % len(self.data)]
-            train_step(self.model, self.opt, [(batch[:, :-1], batch[:, 1:])], grad_clip=1.0)
+            train_step(self.model, self.opt, [Batch(batch[:, :-1], batch[:, 1:])], grad_clip=1.0)
         return n * self.tokens_per_step / (time.perf_counter() - start)
 
 

@@ -69,6 +69,19 @@ def byte_tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep the tests' measured-peak cache (and downloads) out of the user's ~/.cache/gptforge; CLI subprocesses
+    inherit it. Measured once per session, then read from there."""
+    previous = os.environ.get("GPTFORGE_CACHE_DIR")
+    os.environ["GPTFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GPTFORGE_CACHE_DIR", None)
+    else:
+        os.environ["GPTFORGE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

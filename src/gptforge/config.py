@@ -87,8 +87,11 @@ class TrainConfig:
     """The training loop: how long, how big a batch, how often to evaluate, log and checkpoint.
 
     `global_batch_tokens` is the optimizer-step batch in tokens (0 means one micro-batch per step);
-    it must be a multiple of `micro_batch_size * context_length` (tokens per micro-step), and the
-    quotient is `grad_accum_steps`. `max_time_s` stops training early (0: no limit). `peak_flops`
+    it must be a multiple of `micro_batch_size * context_length * world_size` (tokens per micro-step), and the
+    quotient is `grad_accum_steps`. `global_batch_size` gives the batch in sequences instead (the natural unit
+    for fine-tuning, whose rows are padded to different lengths); set at most one of the two.
+    Validation scores the first `eval_tokens` tokens of the validation data (0: all of it) every
+    `eval_interval` steps, the same tokens whatever the micro-batch size and world size. `max_time_s` stops training early (0: no limit). `peak_flops`
     is the machine's peak FLOP/s for MFU; 0 takes a known GPU's datasheet figure (utils/gpus.py) or, for a CPU or
     an unknown device, measures a matrix multiply at start-up.
     `init_from` starts from the weights of a run or checkpoint directory (e.g. one made by `gptforge import`)
@@ -103,8 +106,9 @@ class TrainConfig:
     max_steps: int = 1000
     micro_batch_size: int = 8
     global_batch_tokens: int = 0
+    global_batch_size: int = 0
     eval_interval: int = 250
-    eval_steps: int = 20
+    eval_tokens: int = 262_144
     log_interval: int = 10
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3
@@ -179,23 +183,48 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "debug": {
         "model": dict(n_layer=2, n_head=2, d_model=32, context_length=16, vocab_size=256),
         "optim": dict(lr=1e-3, warmup_steps=5),
-        "train": dict(max_steps=20, micro_batch_size=4, eval_interval=10, eval_steps=2, log_interval=5,
+        "train": dict(max_steps=20, micro_batch_size=4, eval_interval=10, eval_tokens=128, log_interval=5,
                       checkpoint_interval=10),
     },
     # Character-level Tiny Shakespeare: 4 layers, 4 heads, d_model 128, context 64, 12 sequences per step.
     "shakespeare-char": {
         "model": dict(n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=66),
         "optim": dict(lr=1e-3, warmup_steps=100, beta2=0.99),
-        "train": dict(max_steps=2000, micro_batch_size=12, eval_interval=250, eval_steps=50, log_interval=50,
+        "train": dict(max_steps=2000, micro_batch_size=12, eval_interval=250, eval_tokens=38_400, log_interval=50,
                       checkpoint_interval=1000),
     },
     # `gptforge demo`: a small BPE model that learns visible structure in a few CPU minutes.
     "demo": {
         "model": dict(n_layer=4, n_head=4, d_model=192, context_length=128, vocab_size=4096),
         "optim": dict(lr=2e-3, warmup_steps=50, beta2=0.99),
-        "train": dict(max_steps=900, micro_batch_size=16, eval_interval=300, eval_steps=20, log_interval=20,
+        "train": dict(max_steps=900, micro_batch_size=16, eval_interval=300, eval_tokens=40_960, log_interval=20,
                       checkpoint_interval=300, max_time_s=300.0),
     },
+}
+
+
+# Names other tools use for gptforge's fields (nanoGPT, Hugging Face, Megatron): accepted on the command line and in
+# YAML, stored under gptforge's name.
+ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "block_size": "context_length", "n_ctx": "context_length",
+    "n_positions": "context_length", "seq_len": "context_length", "seq_length": "context_length",
+    "max_seq_len": "context_length", "n_embd": "d_model", "hidden_size": "d_model", "n_layers": "n_layer",
+    "num_layers": "n_layer", "num_hidden_layers": "n_layer", "n_heads": "n_head", "num_heads": "n_head",
+    "num_attention_heads": "n_head", "max_iters": "max_steps", "warmup_iters": "warmup_steps",
+    "lr_decay_iters": "lr_decay_steps", "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "max_grad_norm": "grad_clip", "clip_grad": "grad_clip",
+    "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_epsilon": "eps", "eval_iters_tokens": "eval_tokens",
+    "log_every": "log_interval", "eval_every": "eval_interval", "save_interval": "checkpoint_interval",
+}
+# Names that cannot be aliased because gptforge derives them; the error says what to set instead.
+DERIVED = {
+    "gradient_accumulation_steps": "it is derived: set train.global_batch_tokens (or global_batch_size) and "
+                                   "micro_batch_size",
+    "grad_accum_steps": "it is derived: set train.global_batch_tokens (or global_batch_size) and micro_batch_size",
+    "d_head": "it is derived: d_model / n_head",
+    "min_lr": "set optim.min_lr_ratio (the final lr as a fraction of lr; GPT-3 uses 0.1)",
+    "eval_steps": "validation now scores a fixed number of tokens: set train.eval_tokens (0 = the whole split)",
+    "eval_iters": "validation scores a fixed number of tokens: set train.eval_tokens (0 = the whole split)",
 }
 
 
@@ -239,6 +268,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 def _set(cfg: Config, key: str, value: Any) -> None:
     """Set `key` ("field" or "section.field") on `cfg`, converting the value to the field's type."""
     section, _, name = key.rpartition(".")
+    name = ALIASES.get(name, name)
+    if name in DERIVED:
+        raise GptforgeError(f"config: cannot set '{name}': {DERIVED[name]}")
     if not section:
         if name not in FIELD_SECTION:
             raise GptforgeError(f"config: unknown field '{name}'{_closest(name, FIELD_SECTION)}")
@@ -316,11 +348,24 @@ def load_config(*, preset: str | None = None, path: str | Path | None = None,
     return cfg
 
 
+def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """Bring a config saved by an older gptforge up to date (explicit, one rule per change):
+    train.eval_steps (micro-batches of random windows) became train.eval_tokens (a fixed set of tokens)."""
+    train = tree.get("train")
+    if isinstance(train, dict) and "eval_steps" in train:
+        model = tree.get("model") or {}
+        train = {k: v for k, v in train.items() if k != "eval_steps"}
+        train["eval_tokens"] = int(tree["train"]["eval_steps"]) * int(train.get("micro_batch_size", 8)) * \
+            int(model.get("context_length", 2048))
+        tree = {**tree, "train": train}
+    return tree
+
+
 def config_from_dict(tree: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> Config:
-    """Rebuild a validated Config from `Config.to_dict()` output (e.g. a checkpoint's config.json), then apply
-    `overrides` as `load_config` does."""
+    """Rebuild a validated Config from `Config.to_dict()` output (e.g. a checkpoint's config.json, migrated if an
+    older gptforge wrote it), then apply `overrides` as `load_config` does."""
     cfg = Config()
-    _apply_tree(cfg, tree, "config")
+    _apply_tree(cfg, _migrate(tree), "config")
     for key, value in overrides or []:
         _set(cfg, key, value)
     validate(cfg)
@@ -328,14 +373,21 @@ def config_from_dict(tree: dict[str, Any], overrides: list[tuple[str, Any]] | No
 
 
 def _grad_accum_steps(cfg: Config, world_size: int) -> int:
-    micro_tokens = cfg.train.micro_batch_size * cfg.model.context_length * world_size
-    if cfg.train.global_batch_tokens == 0:
+    t = cfg.train
+    if t.global_batch_size:
+        micro_seqs = t.micro_batch_size * world_size
+        if t.global_batch_size % micro_seqs:
+            raise GptforgeError(f"config: train.global_batch_size={t.global_batch_size} must be a multiple of "
+                                f"micro_batch_size * world_size = {micro_seqs}")
+        return t.global_batch_size // micro_seqs
+    micro_tokens = t.micro_batch_size * cfg.model.context_length * world_size
+    if t.global_batch_tokens == 0:
         return 1
-    if cfg.train.global_batch_tokens % micro_tokens:
+    if t.global_batch_tokens % micro_tokens:
         raise GptforgeError(
-            f"config: train.global_batch_tokens={cfg.train.global_batch_tokens} must be a multiple of "
+            f"config: train.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
             f"micro_batch_size * context_length * world_size = {micro_tokens}")
-    return cfg.train.global_batch_tokens // micro_tokens
+    return t.global_batch_tokens // micro_tokens
 
 
 def _check(ok: bool, message: str) -> None:
@@ -368,10 +420,15 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
     _check(o.batch_ramp_tokens >= 0 and o.batch_ramp_start_tokens >= 1,
            "optim.batch_ramp_tokens must be >= 0 and optim.batch_ramp_start_tokens >= 1")
-    for name in ("max_steps", "micro_batch_size", "eval_interval", "eval_steps", "log_interval",
+    for name in ("max_steps", "micro_batch_size", "eval_interval", "log_interval",
                  "checkpoint_interval", "keep_checkpoints"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
     _check(t.global_batch_tokens >= 0, f"train.global_batch_tokens must be >= 0, got {t.global_batch_tokens}")
+    _check(t.global_batch_size >= 0, f"train.global_batch_size must be >= 0, got {t.global_batch_size}")
+    _check(not (t.global_batch_tokens and t.global_batch_size),
+           "set one of train.global_batch_tokens and train.global_batch_size, not both")
+    _check(t.eval_tokens >= 0, f"train.eval_tokens must be >= 0 (0 scores the whole validation split), "
+           f"got {t.eval_tokens}")
     _check(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
            f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -382,6 +439,20 @@ def validate(cfg: Config) -> None:
     _check(t.spike_zscore >= 0 and t.spike_window >= 2,
            "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")
     _grad_accum_steps(cfg, 1)
+
+
+def advisories(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant (the training loop prints them as warnings)."""
+    t, o, notes = cfg.train, cfg.optim, []
+    if o.warmup_steps > t.max_steps:
+        notes.append(f"optim.warmup_steps={o.warmup_steps} exceeds train.max_steps={t.max_steps}: the learning rate "
+                     f"never reaches optim.lr={o.lr:g}")
+    if o.lr_decay_steps and o.lr_decay_steps < o.warmup_steps:
+        notes.append(f"optim.lr_decay_steps={o.lr_decay_steps} is before the end of warm-up ({o.warmup_steps})")
+    if t.eval_interval > t.max_steps:
+        notes.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps={t.max_steps}: validation runs "
+                     "only at the last step")
+    return notes
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

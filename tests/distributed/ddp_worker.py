@@ -6,9 +6,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from gptforge.config import ModelConfig
+from gptforge.data.batches import Batch
 from gptforge.distributed.env import init_distributed, teardown
 from gptforge.model.gpt import GPT
-from gptforge.train.loop import compute_gradients
+from gptforge.train.step import compute_gradients
 
 
 def global_batch(micro_steps: int):
@@ -33,8 +34,8 @@ def main(out: str, micro_steps: int) -> None:
     xs, ys = x[info.rank * per_rank:(info.rank + 1) * per_rank], y[info.rank * per_rank:(info.rank + 1) * per_rank]
     m = model()
     ddp = DistributedDataParallel(m)
-    batches = [(xs[i * 4:(i + 1) * 4], ys[i * 4:(i + 1) * 4]) for i in range(micro_steps)]
-    loss = compute_gradients(ddp, batches, dist_info=info)
+    batches = [Batch(xs[i * 4:(i + 1) * 4], ys[i * 4:(i + 1) * 4]) for i in range(micro_steps)]
+    loss = compute_gradients(ddp, batches, dist_info=info).loss
     if info.rank == 0:
         torch.save({"loss": loss, "grads": {k: p.grad for k, p in m.named_parameters()}}, out)
     teardown(info)

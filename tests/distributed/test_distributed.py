@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.checkpoint.io import find_resume_checkpoint
-from gptforge.train.loop import compute_gradients
+from gptforge.data.batches import Batch
+from gptforge.train.step import compute_gradients
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.distributed
@@ -36,7 +37,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, micro_st
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     x, y = ddp_worker.global_batch(micro_steps)
     m = ddp_worker.model()
-    loss = compute_gradients(m, [(x, y)])
+    loss = compute_gradients(m, [Batch(x, y)]).loss
     assert abs(ddp["loss"] - loss) < 1e-6
     for k, p in m.named_parameters():
         torch.testing.assert_close(ddp["grads"][k], p.grad, rtol=0, atol=1e-6)
@@ -66,6 +67,22 @@ def test_fsdp_saves_reloads_and_continues_identically(char_data, tmp_path):
                                                                      *common, "--resume"))],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
+
+
+def test_val_loss_at_two_ranks_equals_one_process(char_data, tmp_path):
+    """Same global batch, same validation tokens: 2-rank DDP and a single process report the same val loss."""
+    args = ["--max_steps", 5, "--eval_interval", 5, "--eval_tokens", 0, "--checkpoint_interval", 5]
+    two = torchrun(*pretrain_args(char_data, tmp_path / "two", *args))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *map(str, pretrain_args(char_data, tmp_path / "one", *args))],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def val(run):
+        return [json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in json.loads(x)][-1]
+
+    assert abs(val(tmp_path / "two") - val(tmp_path / "one")) < 1e-5
 
 
 def test_killed_ddp_run_resumes_exactly(char_data, tmp_path):

@@ -79,7 +79,7 @@ def test_generate_seeded_and_batched(trained_run):
      "val_fraction"),
     (["pretrain", "--preset", "debug", "--data", "{tmp}/nodata", "--out", "{tmp}/r"], "nodata"),
     (["pretrain", "--preset", "debgu", "--data", "{run}/../data", "--out", "{tmp}/r"], "did you mean 'debug'"),
-    (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_heads", "2"],
+    (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_hed", "2"],
      "did you mean 'n_head'"),
     (["pretrain", "--preset", "debug", "--data", "{run}/../data", "--out", "{tmp}/r", "--n_head", "3"],
      "model.n_head=3 must divide"),

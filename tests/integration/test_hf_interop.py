@@ -297,7 +297,7 @@ def test_import_sharded_safetensors(small_gpt2, tmp_path):
 def test_imported_run_continues_pretraining_with_init_from(small_gpt2, tmp_path, corpora):
     from gptforge.config import load_config
     from gptforge.data.prepare import prepare
-    from gptforge.train.loop import pretrain
+    from gptforge.train.pretrain import pretrain
 
     src, _, _ = small_gpt2
     run = import_hf(src, tmp_path / "imported").run_dir
@@ -305,7 +305,7 @@ def test_imported_run_continues_pretraining_with_init_from(small_gpt2, tmp_path,
     corpus.write_text(corpora["tinyshakespeare/input.txt"][:60_000], encoding="utf-8")
     prepare(str(corpus), tmp_path / "data", tokenizer=str(run), progress=False)
     cfg = load_config(preset="debug", overrides=[("init_from", str(run)), ("max_steps", 3), ("lr", 1e-4),
-                                                 ("eval_steps", 1), ("micro_batch_size", 2)])
+                                                 ("eval_tokens", 32), ("micro_batch_size", 2)])
     result = pretrain(cfg, tmp_path / "data", tmp_path / "tuned", progress=False)
     assert result.steps == 3 and result.val_loss == result.val_loss  # finite
     before = gptforge.load(run).model.state_dict()

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptforge.config import load_config
-from gptforge.train.loop import pretrain
+from gptforge.train.pretrain import pretrain
 
 
 def _run(data, out, **overrides):
@@ -49,3 +49,12 @@ def test_acceptance_shakespeare_char(char_data, tmp_path):
     cfg = load_config(preset="shakespeare-char")
     result = pretrain(cfg, char_data, tmp_path / "run", progress=False)
     assert result.steps == 2000 and result.val_loss <= 1.89
+
+
+def test_val_loss_does_not_depend_on_the_micro_batch_size(char_data, tmp_path):
+    """The same training (8 sequences per step) split into micro-batches of 2 or 8: the same validation loss."""
+    common = dict(max_steps=4, global_batch_tokens=8 * 16, eval_interval=4, eval_tokens=0, checkpoint_interval=4)
+    a = _run(char_data, tmp_path / "a", micro_batch_size=2, **common)
+    b = _run(char_data, tmp_path / "b", micro_batch_size=8, **common)
+    assert abs(a.val_loss - b.val_loss) < 1e-5, (a.val_loss, b.val_loss)
+    assert 3.0 < a.val_loss < 4.3  # char vocab 66: ln(66) = 4.19 at init

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from gptforge.checkpoint.io import find_resume_checkpoint, load_torch_file
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
-from gptforge.train import loop
+from gptforge.train import objectives
+from gptforge.train.guards import SpikeFilter
+from gptforge.train.pretrain import pretrain
 
 ARGS = ["--preset", "debug", "--max_steps", "60", "--checkpoint_interval", "7", "--eval_interval", "10",
         "--log_interval", "1", "--dropout", "0.1", "--global_batch_tokens", "128", "--keep_checkpoints", "2"]
@@ -112,19 +114,19 @@ def test_best_checkpoint_is_kept(reference):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(char_data, tmp_path, monkeypatch):
-    real = loop.token_loss_sum
+    real = objectives.loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, x, y):
+    def poisoned(logits, targets):
         calls["n"] += 1
-        out = real(model, x, y)
+        out = real(logits, targets)
         return out * float("nan") if calls["n"] > 8 else out  # steps 1-2 fine (4 micro-steps each), then NaN
 
-    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+    monkeypatch.setattr(objectives, "loss_sum", poisoned)
     cfg = load_config(preset="debug", overrides=[("max_steps", 50), ("max_nonfinite_steps", 3),
                                                  ("global_batch_tokens", 256), ("checkpoint_interval", 1)])
     with pytest.raises(GptforgeError, match="3 steps in a row had a non-finite loss"):
-        loop.pretrain(cfg, char_data, tmp_path / "run", progress=False)
+        pretrain(cfg, char_data, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in rows if r["step"] > 2] == ["non-finite loss"] * 3
     for ckpt in (tmp_path / "run" / "checkpoints").iterdir():  # no checkpoint holds a NaN
@@ -132,21 +134,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(char_data, tmp_path, mon
 
 
 def test_spike_filter():
-    spike = loop.SpikeFilter(zscore=3.0, window=5)
+    spike = SpikeFilter(zscore=3.0, window=5)
     assert [spike(v) for v in (2.0, 2.1, 1.9, 2.0, 2.05)] == [None] * 5
     assert spike(9.0).startswith("loss spike") and spike(2.02) is None
 
 
 def test_compile_on_cpu(char_data, tmp_path):
     cfg = load_config(preset="debug", overrides=[("max_steps", 4), ("compile", "true"), ("eval_interval", 4)])
-    result = loop.pretrain(cfg, char_data, tmp_path / "run", progress=False)
+    result = pretrain(cfg, char_data, tmp_path / "run", progress=False)
     assert result.steps == 4 and result.val_loss < 4.3  # ln(66) = 4.19 at init
 
 
 def test_activation_checkpointing_matches_plain(char_data, tmp_path):
-    plain = loop.pretrain(load_config(preset="debug", overrides=[("max_steps", 3)]), char_data, tmp_path / "a",
+    plain = pretrain(load_config(preset="debug", overrides=[("max_steps", 3)]), char_data, tmp_path / "a",
                           progress=False)
-    ckpt = loop.pretrain(load_config(preset="debug", overrides=[("max_steps", 3), ("activation_checkpointing", "true")]),
+    ckpt = pretrain(load_config(preset="debug", overrides=[("max_steps", 3), ("activation_checkpointing", "true")]),
                          char_data, tmp_path / "b", progress=False)
     assert abs(plain.val_loss - ckpt.val_loss) < 1e-6
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000003" / "model.safetensors"))

@@ -34,8 +34,36 @@ def test_table_inconsistencies_are_resolved_with_d_head_128():
 
 
 def test_unknown_field_suggests_closest():
-    with pytest.raises(GptforgeError, match="unknown field 'n_heads'; did you mean 'n_head'"):
-        load_config(preset="debug", overrides=[("n_heads", "4")])
+    with pytest.raises(GptforgeError, match="unknown field 'n_haed'; did you mean 'n_head'"):
+        load_config(preset="debug", overrides=[("n_haed", "4")])
+
+
+def test_other_tools_names_are_aliases_and_derived_names_explain():
+    cfg = load_config(preset="debug", overrides=[("learning_rate", "3e-4"), ("block_size", "32"), ("n_embd", "64"),
+                                                 ("max_iters", "7"), ("optim.adam_beta2", "0.99")])
+    assert (cfg.optim.lr, cfg.model.context_length, cfg.model.d_model, cfg.train.max_steps, cfg.optim.beta2) == \
+        (3e-4, 32, 64, 7, 0.99)
+    with pytest.raises(GptforgeError, match="gradient_accumulation_steps.*derived.*global_batch_tokens"):
+        load_config(preset="debug", overrides=[("gradient_accumulation_steps", "4")])
+    with pytest.raises(GptforgeError, match="eval_tokens"):
+        load_config(preset="debug", overrides=[("eval_steps", "4")])
+
+
+def test_old_checkpoint_config_is_migrated():
+    from gptforge.config import config_from_dict
+
+    tree = load_config(preset="debug").to_dict()
+    del tree["train"]["eval_tokens"]
+    tree["train"]["eval_steps"] = 3  # written by gptforge before eval_tokens existed
+    assert config_from_dict(tree).train.eval_tokens == 3 * 4 * 16  # micro-batches x micro_batch_size x context
+
+
+def test_advisories_flag_warmup_past_the_end():
+    from gptforge.config import advisories
+
+    notes = advisories(load_config(preset="debug", overrides=[("warmup_steps", "50"), ("max_steps", "10")]))
+    assert any("warmup_steps=50 exceeds train.max_steps=10" in n for n in notes)
+    assert advisories(load_config(preset="debug")) == []
     with pytest.raises(GptforgeError, match="did you mean 'gpt3-small'"):
         load_config(preset="gpt3-smal")
 

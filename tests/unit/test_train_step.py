@@ -4,16 +4,18 @@ import dataclasses
 import torch
 
 from gptforge.config import OptimConfig
+from gptforge.data.batches import Batch
 from gptforge.model.gpt import GPT, IGNORE_INDEX
-from gptforge.train.loop import token_loss_sum, train_step
+from gptforge.model.loss import loss_sum
 from gptforge.train.optim import build_optimizer
+from gptforge.train.step import train_step
 
 
 def _grads_after(model, batches):
     model.zero_grad()
     n = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
     for x, y in batches:
-        (token_loss_sum(model, x, y) / n).backward()
+        (loss_sum(model(x), y) / n).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
@@ -39,9 +41,9 @@ def test_train_step_accumulated_equals_single_step(tiny_cfg):
     b = copy.deepcopy(a)
     x, y = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))
     cfg = OptimConfig(lr=1e-3)
-    loss_a, norm_a = train_step(a, build_optimizer(a, cfg, "cpu"), [(x, y)], grad_clip=1.0)
-    loss_b, norm_b = train_step(b, build_optimizer(b, cfg, "cpu"), [(x[:2], y[:2]), (x[2:], y[2:])], grad_clip=1.0)
-    assert abs(loss_a - loss_b) < 1e-5 and abs(norm_a - norm_b) < 1e-5
+    sa = train_step(a, build_optimizer(a, cfg, "cpu"), [Batch(x, y)], grad_clip=1.0)
+    sb = train_step(b, build_optimizer(b, cfg, "cpu"), [Batch(x[:2], y[:2]), Batch(x[2:], y[2:])], grad_clip=1.0)
+    assert abs(sa.loss - sb.loss) < 1e-5 and abs(sa.grad_norm - sb.grad_norm) < 1e-5
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
@@ -51,7 +53,7 @@ def test_overfits_one_batch(tiny_cfg):
     opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.0), "cpu")
     x = torch.randint(0, 256, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    losses = [train_step(model, opt, [(x, y)], grad_clip=1.0)[0] for _ in range(150)]
+    losses = [train_step(model, opt, [Batch(x, y)], grad_clip=1.0).loss for _ in range(150)]
     assert losses[0] > 5.0 and losses[-1] < 0.1
 
 
@@ -59,13 +61,13 @@ def test_grad_clip_caps_the_update_norm(tiny_cfg):
     model = GPT(tiny_cfg)
     opt = build_optimizer(model, OptimConfig(lr=0.0), "cpu")
     x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
-    _, norm = train_step(model, opt, [(x, y)], grad_clip=1e-3)
+    norm = train_step(model, opt, [Batch(x, y)], grad_clip=1e-3).grad_norm
     assert norm > 1e-3  # the reported norm is the pre-clip norm
 
 
 def test_bf16_autocast_and_fp16_scaler_paths_train_on_cpu(tiny_cfg):
     """CPU twins of the CUDA mixed-precision paths: weights stay fp32, the loss falls."""
-    from gptforge.train.loop import autocast_context
+    from gptforge.train.step import autocast_context
 
     x = torch.randint(0, 256, (4, 16))
     y = torch.roll(x, -1, dims=1)
@@ -75,7 +77,7 @@ def test_bf16_autocast_and_fp16_scaler_paths_train_on_cpu(tiny_cfg):
         opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.0), "cpu")
         scaler = torch.amp.GradScaler("cpu") if dtype == "float16" else None
         autocast = lambda d=dtype: autocast_context(torch.device("cpu"), d)  # noqa: E731
-        stats = [train_step(model, opt, [(x, y)], grad_clip=1.0, autocast=autocast, scaler=scaler) for _ in range(40)]
+        stats = [train_step(model, opt, [Batch(x, y)], grad_clip=1.0, autocast=autocast, scaler=scaler) for _ in range(40)]
         assert all(p.dtype == torch.float32 for p in model.parameters())
         finite = [s.loss for s in stats if s.skipped is None]
         assert finite[0] > 5.0 and finite[-1] < 3.0, (dtype, finite[::10])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ TIED_KEYS = ("lm_head.weight",)
 def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: torch.nn.Module | None = None,
                     model_state: dict[str, torch.Tensor] | None = None,
                     optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict | None = None,
-                    trainer_state: dict | None = None, state: dict[str, Any] | None = None, keep: int = 3) -> Path:
+                    trainer_state: dict | None = None, state: dict[str, Any] | None = None, keep: int = 3,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` under RUN_DIR/checkpoints, point RUN_DIR/latest at it, and keep the newest
     `keep` plus the best by validation loss. Call on the main process only.
 
@@ -48,6 +50,7 @@ def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: 
             `full_optimizer_state` (under FSDP, gather both on every rank first and pass the states).
         trainer_state: sampler and RNG states (tensors, numbers, lists, dicts only).
         state: JSON-serialisable run counters (tokens_seen, val_loss, ...).
+        extra: writes further files into the (temporary) checkpoint directory; they join the sha256 manifest.
 
     Raises:
         GptforgeError: a weight is NaN or infinite (a checkpoint never holds a non-finite value).
@@ -73,6 +76,8 @@ def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: 
         torch.save(optimizer_state, tmp / "optimizer.pt")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer.pt")
+    if extra is not None:
+        extra(tmp)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "step": step, **(state or {}),
                                            "files": files})
@@ -249,8 +254,9 @@ def read_json(path: Path) -> dict[str, Any]:
         raise GptforgeError(f"corrupt JSON in {path}: {exc}") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into `model` (strict apart from the tied head).
+def load_weights(model: torch.nn.Module, path: Path, *, missing_ok: tuple[str, ...] = ()) -> None:
+    """Load model.safetensors into `model` (strict apart from the tied head and parameters whose names start
+    with one of `missing_ok`, which keep their current values).
 
     Raises:
         GptforgeError: the file is truncated/corrupt or does not match the model's shapes.
@@ -263,7 +269,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:
         raise GptforgeError(f"weights in {path} do not fit the model: {str(exc).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k not in TIED_KEYS]
+    missing = [k for k in missing if k not in TIED_KEYS and not k.startswith(missing_ok)]
     if missing or unexpected:
         raise GptforgeError(f"weights in {path} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

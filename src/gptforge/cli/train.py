@@ -15,7 +15,7 @@ PRESET_HELP = "named config: gpt3-small ... gpt3-175b, debug, shakespeare-char, 
 def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     """Pretrain a GPT on prepared data; `--field value` overrides any config field."""
     from gptforge.config import load_config, parse_overrides
-    from gptforge.train.loop import pretrain
+    from gptforge.train.pretrain import pretrain
 
     if args.preset is not None and args.config is not None:
         raise GptforgeError("pretrain takes one of --preset NAME or --config FILE, not both")
@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     import gptforge
     from gptforge.config import load_config, parse_overrides
     from gptforge.data.prepare import prepare
-    from gptforge.train.loop import pretrain
+    from gptforge.train.pretrain import pretrain
 
     out, data = Path(args.out), Path(args.out) / "data"
     overrides = parse_overrides(extra)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
-from gptforge.utils.io import sha256_file
+from gptforge.utils.io import cache_dir, sha256_file
 
 NAMED_CORPORA = ("shakespeare", "python-stdlib")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -274,11 +274,6 @@ def _iter_records(path: Path, text_field: str) -> Iterator[Document]:
         raise GptforgeError(f"cannot read {path} as {builder}: {first}") from None
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("GPTFORGE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "gptforge"
-
-
 def find_shakespeare() -> Path:
     """Locate Tiny Shakespeare, downloading it into the cache once if needed.
 
@@ -294,7 +289,7 @@ def find_shakespeare() -> Path:
     candidates = []
     if os.environ.get("GPTFORGE_DATA_DIR"):
         candidates.append(Path(os.environ["GPTFORGE_DATA_DIR"]) / SHAKESPEARE_RELPATH)
-    cached = _cache_dir() / SHAKESPEARE_RELPATH
+    cached = cache_dir() / SHAKESPEARE_RELPATH
     candidates.append(cached)
     for path in candidates:
         if path.is_file():

@@ -4,20 +4,27 @@ The table holds datasheet figures *without* 2:4 structured sparsity (datasheets 
 an asterisk; the dense one is half of it). Memory is the datasheet's "GB", which for these boards is the
 binary size nvidia-smi shows (an "80GB" H100 reports 81,559 MiB), so gptforge treats it as GiB.
 `peak_flops_for` matches `torch.cuda.get_device_name()` against the table and falls back to measuring a
-matmul (`utils.metrics.measure_peak_flops`) for unknown devices, MIG slices, the CPU and non-16-bit dtypes.
+matmul (`utils.metrics.measure_peak_flops`, cached per machine) for unknown devices, MIG slices, the CPU and
+non-16-bit dtypes.
 
-Depends on `gptforge.errors` and `gptforge.utils.metrics` only.
+Depends on `gptforge.errors`, `gptforge.utils.io` and `gptforge.utils.metrics` only.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.io import atomic_write_text, cache_dir
 from gptforge.utils.metrics import measure_peak_flops
+
+PEAK_CACHE_FILE = "peak_flops.json"
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,52 @@ def gpu_spec(name: str) -> GpuSpec:
     return spec
 
 
+def _device_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the processor or GPU model, the dtype, threads and the torch build."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}|" \
+           f"torch={torch.__version__}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(key: str, flops: float) -> float:
+    """Store max(cached, flops) for `key` in the per-machine cache; return that maximum. A cache that cannot be
+    written (read-only home) is not an error."""
+    path = cache_dir() / PEAK_CACHE_FILE
+    cached = _read_cache(path)
+    best = max(flops, float(cached.get(key, 0.0)))
+    if best > float(cached.get(key, 0.0)):
+        try:
+            atomic_write_text(path, json.dumps({**cached, key: best}, indent=1) + "\n")
+        except OSError:
+            pass
+    return best
+
+
 def peak_flops_for(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """The peak FLOP/s that MFU is computed against, and where it came from.
 
-    On CUDA with a 16-bit dtype, the datasheet figure of the matching table entry ("H200 SXM datasheet");
-    otherwise (CPU, MPS, float32, an unknown GPU or a MIG slice) a measured large-matmul rate ("measured").
-    A user-given `train.peak_flops` takes precedence over both; the caller checks it first.
+    On CUDA with a 16-bit dtype, the datasheet figure of the matching table entry ("H200 SXM datasheet").
+    Otherwise (CPU, MPS, float32, an unknown GPU or a MIG slice) a large-matmul rate measured on this machine,
+    cached per processor, dtype, thread count and torch version in `~/.cache/gptforge/peak_flops.json`
+    (`$GPTFORGE_CACHE_DIR`): the first run measures (~1 s), later runs read the best figure seen so far, so a
+    measurement taken while the machine was busy is superseded by a quieter one. A user-given `train.peak_flops`
+    takes precedence; the caller checks it first.
 
     Returns:
         (peak in FLOP/s, a short source description).
@@ -113,4 +160,35 @@ def peak_flops_for(device: torch.device, dtype: torch.dtype) -> tuple[float, str
         spec = match_gpu(torch.cuda.get_device_name(device))
         if spec is not None:
             return spec.bf16_tflops * 1e12, f"{spec.label} datasheet"
-    return measure_peak_flops(device, dtype), "measured"
+    key = _device_key(device, dtype)
+    cached = float(_read_cache(cache_dir() / PEAK_CACHE_FILE).get(key, 0.0))
+    if cached > 0:
+        return cached, "measured on this machine earlier, cached"
+    return _remember(key, measure_peak_flops(device, dtype)), "measured now"
+
+
+@dataclass
+class PeakFlops:
+    """The per-device peak in use for MFU, and where it came from ("given", "... datasheet", "measured ...")."""
+
+    flops: float
+    source: str
+    key: str | None = None  # the cache key of a measured peak
+
+    @classmethod
+    def given(cls, flops: float) -> PeakFlops:
+        return cls(flops, "given")
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype) -> PeakFlops:
+        flops, source = peak_flops_for(device, dtype)
+        return cls(flops, source, key=_device_key(device, dtype) if "measured" in source else None)
+
+    def raise_to(self, achieved: float) -> bool:
+        """If `achieved` FLOP/s beats the peak (a measurement on a busy machine), make it the peak and remember it
+        for this machine; returns True when it did. MFU against the result never exceeds 1."""
+        if achieved <= self.flops:
+            return False
+        self.flops = _remember(self.key, achieved) if self.key else achieved
+        self.source = "raised to the achieved training rate"
+        return True

@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """gptforge's per-user cache: `$GPTFORGE_CACHE_DIR`, else `~/.cache/gptforge` (not created here)."""
+    env = os.environ.get("GPTFORGE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "gptforge"
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -1,0 +1,78 @@
+"""Pretraining: the training loop (`train.loop`) over random windows of prepared token files.
+
+Legend: T context_length. This module only builds the pretraining `Task`: the data's tokenizer, the window
+source, the validation windows, and the model config's vocabulary reconciled with the data's.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from gptforge.checkpoint.io import find_checkpoint, read_json
+from gptforge.config import Config, ModelConfig, config_from_dict
+from gptforge.data.dataset import WindowSource, open_split, validation_windows
+from gptforge.data.prepare import load_meta
+from gptforge.distributed.env import DistInfo
+from gptforge.errors import GptforgeError
+from gptforge.tokenizer import load_tokenizer
+from gptforge.train.loop import Task, TrainResult, train
+from gptforge.utils.logging import print0
+
+
+def _init_model_config(init_from: str, meta: dict) -> ModelConfig:
+    """The model section of the checkpoint to start from; its vocabulary must match the data's tokenizer."""
+    ckpt = find_checkpoint(init_from)
+    model_cfg = config_from_dict(read_json(ckpt / "config.json")).model
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise GptforgeError(f"train.init_from={init_from} has vocab_size {model_cfg.vocab_size} but the data was "
+                            f"tokenized with vocab_size {meta['vocab_size']}; prepare the data with "
+                            f"--tokenizer {ckpt} to reuse the model's tokenizer")
+    return model_cfg
+
+
+def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: Path) -> Task:
+    """The pretraining Task for `data_dir` (made by `gptforge prepare`); sets cfg.model from `init_from` or the
+    data's vocabulary.
+
+    Raises:
+        GptforgeError: missing or corrupt data, a vocabulary that does not match a checkpoint, or a training split
+        shorter than one window.
+    """
+    t = cfg.train
+    meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
+    if t.init_from and not ckpt:
+        cfg.model = _init_model_config(t.init_from, meta)
+    elif cfg.model.vocab_size != meta["vocab_size"]:
+        if ckpt:
+            raise GptforgeError(f"cannot resume: the checkpoint's vocab_size is {cfg.model.vocab_size}, the data's "
+                                f"{meta['vocab_size']} (resume with the data the run was started on)")
+        print0(f"note: model.vocab_size set to {meta['vocab_size']} from the data's tokenizer "
+               f"(config had {cfg.model.vocab_size})")
+        cfg.model.vocab_size = meta["vocab_size"]
+    T = cfg.model.context_length
+    source = WindowSource(open_split(data_dir, "train", meta["dtype"]), context_length=T,
+                          micro_batch_size=t.micro_batch_size, seed=t.seed, rank=info.rank, world_size=info.world_size)
+    val_tokens = open_split(data_dir, "val", meta["dtype"])
+    val_sets = {}
+    if len(val_tokens) > T:
+        val_sets["val"] = partial(validation_windows, val_tokens, context_length=T, micro_batch_size=t.micro_batch_size,
+                                  max_tokens=t.eval_tokens, rank=info.rank, world_size=info.world_size)
+    else:
+        print0(f"warning: the validation split has {len(val_tokens)} tokens, fewer than context_length + 1 = {T + 1}; "
+               "no val loss will be computed (prepare with a larger --val_fraction)")
+    return Task(name="pretrain", tokenizer=tokenizer, train=source, val_sets=val_sets, fixed_shape=True)
+
+
+def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress: bool = True,
+             resume: str | None = None) -> TrainResult:
+    """Train a GPT on prepared token files, writing checkpoints and metrics into `run_dir`.
+
+    Runs as one process, or as one rank of a torchrun job (DDP or FSDP2 per `train.data_parallel`).
+    `resume` is "latest" (the newest intact checkpoint in run_dir) or a checkpoint directory.
+
+    Raises:
+        GptforgeError: missing/corrupt data or checkpoint, a split shorter than one window, or too many
+        non-finite steps in a row.
+    """
+    return train(cfg, partial(pretrain_task, data_dir=Path(data_dir)), run_dir, progress=progress, resume=resume)
