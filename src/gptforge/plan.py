@@ -215,15 +215,18 @@ def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, 
     """Compute, time and memory of training `cfg` on `tokens` tokens with `gpus` GPUs.
 
     Args:
-        tokens: training tokens. peak_flops: per-GPU peak, FLOP/s. mfu: model FLOPs utilisation in (0, 1].
+        tokens: training tokens. peak_flops: per-GPU peak, FLOP/s, or 0 when unknown (no wall-clock estimate).
+        mfu: model FLOPs utilisation in (0, 1].
         micro_batch_size: sequences per GPU per micro-step. gpu_memory_gib: memory of one GPU, GiB.
 
     Raises:
         GptforgeError: a non-positive or non-finite number, or mfu > 1.
     """
-    for name, value in (("--tokens", tokens), ("--gpus", gpus), ("--peak-tflops", peak_flops),
-                        ("--micro_batch_size", micro_batch_size), ("--gpu-memory-gb", gpu_memory_gib)):
+    for name, value in (("--tokens", tokens), ("--gpus", gpus), ("--micro_batch_size", micro_batch_size),
+                        ("--gpu-memory-gb", gpu_memory_gib)):
         _check_positive(name, value)
+    if peak_flops != 0:
+        _check_positive("--peak-tflops", peak_flops)
     _check_positive("--mfu", mfu, upper=1.0)
     n = count_parameters(cfg)
     total = training_flops(cfg, tokens)
@@ -231,7 +234,7 @@ def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, 
                    for s in STRATEGIES)
     return Plan(n_params=n, flops_per_token=flops_per_token(cfg), tokens=tokens, training_flops=total,
                 table_d1_flops=table_d1_flops(n, tokens), gpus=gpus, peak_flops=peak_flops, mfu=mfu,
-                wall_clock_s=wall_clock_s(total, gpus=gpus, peak_flops=peak_flops, mfu=mfu),
+                wall_clock_s=wall_clock_s(total, gpus=gpus, peak_flops=peak_flops, mfu=mfu) if peak_flops else math.nan,
                 micro_batch_size=micro_batch_size, gpu_memory_gib=gpu_memory_gib, memory=memory)
 
 
@@ -257,9 +260,10 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
         f"training FLOPs    {plan.training_flops:.3g} = {pf_days(plan.training_flops):,.4g} PF-days "
         f"(GPT-3 Table D.1 convention, 6N x tokens: {plan.table_d1_flops:.3g} = "
         f"{pf_days(plan.table_d1_flops):,.4g} PF-days)",
-        f"cluster           {gpus} x {plan.peak_flops / 1e12:g} TFLOP/s ({peak_source}) x MFU {plan.mfu:g} = "
-        f"{plan.gpus * plan.peak_flops * plan.mfu / 1e15:,.4g} PFLOP/s",
-        f"wall clock        {days:,.1f} days ({plan.wall_clock_s / 3600:,.1f} hours)",
+        *([f"cluster           {gpus} x {plan.peak_flops / 1e12:g} TFLOP/s ({peak_source}) x MFU {plan.mfu:g} = "
+           f"{plan.gpus * plan.peak_flops * plan.mfu / 1e15:,.4g} PFLOP/s",
+           f"wall clock        {days:,.1f} days ({plan.wall_clock_s / 3600:,.1f} hours)"] if plan.peak_flops else
+          ["wall clock        unknown: give --gpu NAME or --peak-tflops X for days"]),
         "",
         f"memory per GPU in GiB: micro-batch {plan.micro_batch_size} x {cfg.context_length} tokens, "
         f"{gpus}; fits = total <= {USABLE_FRACTION:.0%} of {plan.gpu_memory_gib:g} GiB",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,3 +117,26 @@ def test_bad_input_gives_one_line_error(trained_run, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_demo_never_deletes_what_it_did_not_write(trained_run, tmp_path):
+    """A training run (or any user folder) given as `demo --out` is refused and left untouched; a previous demo run
+    is replaced; a demo run with a foreign file added is refused."""
+    victim = tmp_path / "victim"
+    shutil.copytree(trained_run / "run", victim)
+    (victim / "data").mkdir()  # the layout the README recommends: data/ beside checkpoints/
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    corpus = trained_run / "shakespeare_head.txt"
+    demo = ["demo", "--corpus", corpus, "--vocab_size", 300, "--max_time_s", 1, "--max_steps", 3, "--eval_interval", 3]
+    proc = run(*demo, "--out", victim, check=False)
+    assert proc.returncode == 2 and "is not a run made by `gptforge demo`" in proc.stderr
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+
+    fresh = tmp_path / "demo"
+    run(*demo, "--out", fresh)
+    assert (fresh / ".gptforge-demo").is_file() and (fresh / "latest").is_file()
+    again = run(*demo, "--out", fresh)  # a previous demo run is the demo's own output: replaced
+    assert "replacing the previous demo run" in again.stdout and (fresh / "latest").is_file()
+    (fresh / "notes.txt").write_text("mine")
+    proc = run(*demo, "--out", fresh, check=False)
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr and (fresh / "notes.txt").read_text() == "mine"

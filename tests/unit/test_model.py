@@ -104,3 +104,12 @@ def test_flops_per_token_gpt3_175b():
 
     fpt = flops_per_token(load_config(preset="gpt3-175b").model)
     assert fpt * 300e9 == pytest.approx(3.14e23, rel=0.05)
+
+
+def test_training_forward_compiles_as_one_graph(tiny_cfg):
+    """--compile must trace the whole model: no graph breaks (the oneDNN decode path is skipped under tracing)."""
+    model = GPT(dataclasses.replace(tiny_cfg, attention_pattern="dense,local", local_window=4)).train()
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons[:1]
+    assert explained.graph_count == 1

@@ -120,10 +120,18 @@ def test_cli_plan_gpu_table_overrides_and_default_tokens(capsys):
     assert "H100 SXM datasheet" in capsys.readouterr().out
 
 
+def test_cli_plan_without_a_gpu_prints_compute_and_memory(capsys):
+    """Compute and memory do not depend on the GPU: no peak means no days, not an error."""
+    assert main(["plan", "--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "174.60B" in out and "3,638 PF-days" in out and "FSDP + act. ckpt" in out
+    assert "wall clock        unknown: give --gpu NAME or --peak-tflops X" in out and "hours)" not in out
+
+
 @pytest.mark.parametrize("argv", [
     ["--preset", "gpt3-huge", "--gpu", "h100"], ["--preset", "gpt3-small", "--gpus", "many", "--gpu", "h100"],
     ["--preset", "gpt3-small", "--gpus", "2.5", "--gpu", "h100"], ["--preset", "gpt3-small", "--mfu", "0"],
-    ["--preset", "gpt3-small"], ["--preset", "gpt3-small", "--gpu", "tpu-v4"],
+    ["--preset", "gpt3-small", "--gpu", "tpu-v4"], ["--preset", "gpt3-small", "--peak-tflops", "-3"],
     ["--preset", "gpt3-small", "--gpu", "h100", "--tokens", "-5"], ["--gpu", "h100"],
     ["--preset", "gpt3-small", "--gpu", "h100", "--n_layr", "3"],
 ])

@@ -9,8 +9,8 @@ from gptforge.errors import GptforgeError
 
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
-    """Estimate training FLOPs, PF-days, wall-clock days and per-GPU memory (DDP, FSDP, FSDP + activation
-    checkpointing) of a config, without training; `--field value` overrides any config field."""
+    """Estimate training FLOPs, PF-days, per-GPU memory (DDP, FSDP, FSDP + activation checkpointing) and, given a
+    GPU or its peak, wall-clock days of a config, without training; `--field value` overrides any config field."""
     from gptforge.config import load_config, parse_overrides
     from gptforge.plan import format_plan, make_plan, parse_number
     from gptforge.utils.gpus import gpu_spec
@@ -26,7 +26,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     elif cfg.train.peak_flops > 0:
         peak, source = cfg.train.peak_flops, "train.peak_flops"
     else:
-        raise GptforgeError("plan needs the per-GPU peak: --peak-tflops X or --gpu NAME (e.g. --gpu h100)")
+        peak, source = 0.0, "unknown"  # compute and memory do not depend on the GPU; days do
     memory = (parse_number("--gpu-memory-gb", args.gpu_memory_gb) if args.gpu_memory_gb is not None
               else spec.memory_gb if spec is not None else 80.0)
     t = cfg.train

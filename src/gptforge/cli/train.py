@@ -58,9 +58,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     if args.max_time_s is not None:
         overrides.append(("max_time_s", args.max_time_s))
     cfg = load_config(preset="demo", overrides=overrides)  # validate before the slow steps
-    if (out / "checkpoints").is_dir() and (out / "config.yaml").is_file() and data.is_dir():
-        print(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
+    _claim_demo_dir(out)
     kind = f"byte-level BPE, vocab {args.vocab_size}" if args.tokenizer == "bpe" else f"tokenizer {args.tokenizer}"
     print(f"[1/3] preparing corpus '{args.corpus}' ({kind}) into {data}")
     meta = prepare(args.corpus, data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, progress=True)
@@ -77,6 +75,40 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         print("-" * 60 + "\n" + prompt + text)
     print("-" * 60 + f"\nrun directory: {out}\ntry: gptforge generate {out} --prompt \"{prompts[0]}\" --stream")
     return 0
+
+
+DEMO_MARKER = ".gptforge-demo"
+# What a demo run writes into its directory; anything else there means the directory is not (only) a demo run's.
+DEMO_ENTRIES = {DEMO_MARKER, "data", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "latest", "best",
+                "tokenizer.json", "char_tokenizer.json", "metrics.png"}
+
+
+def _claim_demo_dir(out: Path) -> None:
+    """Make `out` the demo's run directory: create it (with a marker file), or replace a previous demo run there.
+
+    A directory is replaced only when it is unmistakably a previous demo run's own output: it carries the marker
+    file that `gptforge demo` writes first and holds nothing but what a demo run writes. Anything else (a training
+    run, a user's files) is refused and left untouched.
+
+    Raises:
+        GptforgeError: `out` exists, is not empty and is not a previous demo run.
+    """
+    if out.exists() and not out.is_dir():
+        raise GptforgeError(f"--out {out} is a file, not a directory (nothing was changed)")
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if entries:
+        if DEMO_MARKER not in entries:
+            raise GptforgeError(f"--out {out} already exists and is not a run made by `gptforge demo`; choose a new "
+                                "or empty directory (nothing was changed)")
+        foreign = sorted(entries - DEMO_ENTRIES)
+        if foreign:
+            raise GptforgeError(f"--out {out} holds a previous demo run plus files the demo did not write "
+                                f"({', '.join(foreign[:3])}); move them or choose another --out (nothing was changed)")
+        print(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `gptforge demo`: this directory may be replaced by the next demo run\n",
+                                   encoding="utf-8")
 
 
 def register(sub) -> None:

@@ -27,6 +27,8 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     ONEDNN_MIN_WEIGHTS weights on CPU in inference mode (unless `torch.backends.mkldnn` is disabled), else the
     layer's own forward (MKL, or a wrapper's)."""
     global _onednn_linear
+    if torch.compiler.is_compiling():  # a traced graph (training under --compile): the plain layer, no graph break
+        return layer(x)
     if (_onednn_linear is not None and type(layer) is nn.Linear and torch.is_inference_mode_enabled()
             and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS and torch.backends.mkldnn.enabled):
