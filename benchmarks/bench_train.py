@@ -4,12 +4,17 @@ Both models do the same AdamW training steps (same batch, same loss: mean next-t
 same random token windows. Prints a table of tokens/s and MFU (against this machine's measured matmul peak).
 
     python benchmarks/bench_train.py [--steps 40] [--compile]
+
+The time a user waits for a whole training command (start-up, validation, checkpoint included), side by side with
+nanoGPT, is `benchmarks/bench_train_wall.py` (`python benchmarks/bench_train.py --wall ...` runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,6 +70,12 @@ class Trainer:
 
 
 def main() -> None:
+    if "--wall" in sys.argv:
+        sys.argv.remove("--wall")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_train_wall import main as wall
+
+        return wall()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (shakespeare-char)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, interleaved across models; best is kept")

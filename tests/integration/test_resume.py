@@ -168,3 +168,11 @@ def test_inference_load_skips_a_damaged_checkpoint_and_ignores_training_only_fil
     assert load_checkpoint(run)[3]["step"] == int(older.name.split("_")[1])
     with pytest.raises(GptforgeError, match="model.safetensors"):
         load_checkpoint(newest)
+
+
+def test_latest_naming_a_deleted_checkpoint_warns_and_falls_back(reference, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    (run / "latest").write_text("step_00000099\n")
+    assert find_resume_checkpoint(run).name == "step_00000060"
+    assert "latest names step_00000099, which does not exist; using step_00000060" in capsys.readouterr().err

@@ -182,6 +182,8 @@ def find_resume_checkpoint(path: str | Path, only: tuple[str, ...] | None = None
     if latest in found:  # the run's own pointer first: after a resume from an older step it is not the newest
         found.remove(latest)
         found.insert(0, latest)
+    elif latest is not None:
+        print0(f"warning: {path}/latest names {latest.name}, which does not exist; using {found[0].name}")
     for ckpt in found:
         try:
             verify_checkpoint(ckpt, only)
