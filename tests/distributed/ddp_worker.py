@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: DDP gradients for a global batch split over ranks (saved by rank 0)."""
 
+import os
 import sys
 
 import torch
@@ -43,3 +44,8 @@ def main(out: str, micro_steps: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    # As gptforge's CLI does under torchrun: skip interpreter finalization, where gloo's threads can abort
+    # a finished process (see gptforge.cli.main.main).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -129,10 +129,14 @@ def train(cfg: Config, make_task: TaskFactory, run_dir: str | Path, *, progress:
         non-finite steps in a row.
     """
     info = init_distributed(resolve_device(cfg.train.device))
+    run = None
     try:
         run = _build(cfg, make_task, Path(run_dir), info, resume)
         return run_steps(run, progress, save=_save)
     finally:
+        if run is not None and run.metrics is not None:
+            run.metrics.close()
+        del run  # release the DDP/FSDP wrappers (and their hold on the process group) before it is destroyed
         teardown(info)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -19,6 +20,9 @@ from gptforge.train.step import StepStats, autocast_context, evaluate, train_ste
 from gptforge.utils.gpus import PeakFlops
 from gptforge.utils.logging import print0
 from gptforge.utils.metrics import mfu
+
+if TYPE_CHECKING:  # loop.py imports this module
+    from gptforge.train.loop import Run, TrainResult
 
 
 class Throughput:
@@ -49,7 +53,7 @@ class Throughput:
         return record
 
 
-def _announce(run, full_accum: int, micro_seqs: int, fpt: float) -> PeakFlops:
+def _announce(run: Run, full_accum: int, micro_seqs: int, fpt: float) -> PeakFlops:
     """Print the run's shape and return the peak FLOP/s for MFU (given, datasheet, cached or measured)."""
     t, info = run.cfg.train, run.info
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
@@ -65,7 +69,7 @@ def _announce(run, full_accum: int, micro_seqs: int, fpt: float) -> PeakFlops:
     return peak
 
 
-def _optimizer_step(run, step: int, *, full_accum: int, micro_seqs: int, autocast, spike: SpikeFilter
+def _optimizer_step(run: Run, step: int, *, full_accum: int, micro_seqs: int, autocast, spike: SpikeFilter
                     ) -> tuple[StepStats, float]:
     """Set the scheduled lr, draw the (ramped) number of micro-batches, and run one train_step."""
     cfg, info = run.cfg, run.info
@@ -85,7 +89,7 @@ def _optimizer_step(run, step: int, *, full_accum: int, micro_seqs: int, autocas
     return stats, lr
 
 
-def run_steps(run, progress: bool, *, save: Callable) -> object:
+def run_steps(run: Run, progress: bool, *, save: Callable[[Run, int, float], None]) -> TrainResult:
     """Optimizer steps with logging, evaluation, checkpoints, the non-finite stop and the time limit.
 
     Returns: a `train.loop.TrainResult`.
@@ -111,7 +115,7 @@ def run_steps(run, progress: bool, *, save: Callable) -> object:
                        skipped_steps=skipped, val_metrics=val)
 
 
-def _steps(run, bar, log, meter: Throughput, autocast, interrupt: Interrupt, full_accum: int,
+def _steps(run: Run, bar, log, meter: Throughput, autocast, interrupt: Interrupt, full_accum: int,
            save: Callable) -> tuple[int, dict, int]:
     """The step loop proper; returns (last step, last validation metrics, skipped steps)."""
     t, info = run.cfg.train, run.info

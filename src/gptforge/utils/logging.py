@@ -40,3 +40,8 @@ class MetricsWriter:
             fh.write(json.dumps(clean) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(clean)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard event file (metrics.jsonl is closed after every record)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
