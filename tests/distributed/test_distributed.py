@@ -71,7 +71,7 @@ def test_fsdp_saves_reloads_and_continues_identically(char_data, tmp_path):
 
 def test_val_loss_at_two_ranks_equals_one_process(char_data, tmp_path):
     """Same global batch, same validation tokens: 2-rank DDP and a single process report the same val loss."""
-    args = ["--max_steps", 5, "--eval_interval", 5, "--eval_tokens", 0, "--checkpoint_interval", 5]
+    args = ["--max_steps", 5, "--eval_interval", 5, "--eval_tokens", 4096, "--checkpoint_interval", 5]
     two = torchrun(*pretrain_args(char_data, tmp_path / "two", *args))
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, *map(str, pretrain_args(char_data, tmp_path / "one", *args))],

@@ -53,7 +53,7 @@ def test_acceptance_shakespeare_char(char_data, tmp_path):
 
 def test_val_loss_does_not_depend_on_the_micro_batch_size(char_data, tmp_path):
     """The same training (8 sequences per step) split into micro-batches of 2 or 8: the same validation loss."""
-    common = dict(max_steps=4, global_batch_tokens=8 * 16, eval_interval=4, eval_tokens=0, checkpoint_interval=4)
+    common = dict(max_steps=4, global_batch_tokens=8 * 16, eval_interval=4, eval_tokens=4096, checkpoint_interval=4)
     a = _run(char_data, tmp_path / "a", micro_batch_size=2, **common)
     b = _run(char_data, tmp_path / "b", micro_batch_size=8, **common)
     assert abs(a.val_loss - b.val_loss) < 1e-5, (a.val_loss, b.val_loss)
