@@ -1,5 +1,6 @@
-"""Wrap a built GPT for training from the outside, in a fixed order: activation checkpointing, compile,
-then data parallelism (DDP or FSDP2). The model code itself knows nothing of any of this.
+"""Wrap a built GPT for training from the outside, in a fixed order: activation checkpointing, FSDP2 sharding
+(both also on the meta device, before materialisation), then compile and DDP. The model code itself knows
+nothing of any of this.
 """
 
 from __future__ import annotations
@@ -48,17 +49,32 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
-def parallelize(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool,
-                activation_checkpointing: bool, param_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Returns the module to call in training steps; `model` stays the unwrapped one (for checkpoints)."""
+def shard_model(model: nn.Module, info: DistInfo, *, data_parallel: str, activation_checkpointing: bool,
+                param_dtype: torch.dtype = torch.float32) -> None:
+    """The wrappers that change where parameters live, in place: activation checkpointing, then FSDP2 sharding
+    (under torchrun with data_parallel "fsdp"). Works on a model on the meta device, before materialisation."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if info.distributed and data_parallel == "fsdp":
         apply_fsdp(model, info, param_dtype)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool) -> nn.Module:
+    """The wrappers around a materialised model: torch.compile, then DDP (which broadcasts rank 0's weights).
+    Returns the module to call in training steps."""
     train_model = torch.compile(model) if compile else model
     if info.distributed and data_parallel == "ddp":
         train_model = apply_ddp(train_model, info)
     return train_model
+
+
+def parallelize(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool,
+                activation_checkpointing: bool, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`shard_model` then `wrap_model` for a model that already has its weights. Returns the module to call in
+    training steps; `model` stays the unwrapped one (for checkpoints)."""
+    shard_model(model, info, data_parallel=data_parallel, activation_checkpointing=activation_checkpointing,
+                param_dtype=param_dtype)
+    return wrap_model(model, info, data_parallel=data_parallel, compile=compile)
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
