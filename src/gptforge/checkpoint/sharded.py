@@ -17,9 +17,11 @@ checkpoint is never found. All ranks must see the same filesystem (as DCP's file
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ def _check_finite(state: dict[str, torch.Tensor], step: int, info: DistInfo) -> 
 
 @dataclass
 class PendingSave:
-    """A sharded checkpoint being written: `commit_sharded` finishes it (waits, hashes, renames)."""
+    """A sharded checkpoint being written; `finish` returns once it is committed (renamed into place)."""
 
     run_dir: Path
     tmp: Path
@@ -71,7 +73,13 @@ class PendingSave:
     step: int
     state: dict[str, Any]
     keep: int
-    futures: list[Future] = field(default_factory=list)
+    background: Future | None = None
+
+    def finish(self, info: DistInfo) -> Path:
+        """Wait for a background write and commit, or commit now (a collective on every rank)."""
+        if self.background is not None:
+            return self.background.result()
+        return _commit(self, info, group=None)
 
 
 def save_sharded(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
@@ -80,54 +88,70 @@ def save_sharded(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch
     """Start writing checkpoint `step` (a collective: call on every rank). Each rank writes its shards of the
     weights and optimizer state, and its own `trainer_state` (data source, RNG, scaler); rank 0 adds config,
     tokenizer and `extra` files. With `background`, the shards are first copied to CPU memory (this rank's
-    weights and optimizer state once more) and written by a background thread while training continues; under
-    torchrun pass a gloo `process_group` reserved for checkpoint traffic.
+    weights and optimizer state once more), then a background thread writes them, hashes and commits while
+    training continues; under torchrun pass a gloo `process_group` reserved for checkpoint traffic (the thread's
+    collectives must not interleave with training's).
 
     Returns:
-        A PendingSave; pass it to `commit_sharded` (every rank) to make the checkpoint visible.
+        A PendingSave; `finish(info)` on every rank makes (or waits until) the checkpoint is visible.
 
     Raises:
         GptforgeError: a weight is NaN or infinite (nothing is written).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     root = Path(run_dir) / "checkpoints"
-    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
+    pending = PendingSave(Path(run_dir), root / f".tmp_step_{step:08d}", root / f"step_{step:08d}", step, state,
+                          keep)
     weights = model_state(model)
     _check_finite(weights, step, info)
     optim = get_optimizer_state_dict(_unwrap(model), optimizer)
     if info.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / TRAINER_DIR).mkdir(parents=True)
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+        (pending.tmp / TRAINER_DIR).mkdir(parents=True)
     barrier(info)
-    pending = PendingSave(Path(run_dir), tmp, final, step, state, keep)
-    for name, sd in ((MODEL_DIR, weights), (OPTIMIZER_DIR, optim)):
-        if background:
-            pending.futures.append(dcp.async_save(sd, checkpoint_id=tmp / name, process_group=process_group,
-                                                  no_dist=not info.distributed))
-        else:
-            dcp.save(sd, checkpoint_id=tmp / name, no_dist=not info.distributed)
-    torch.save(trainer_state, tmp / TRAINER_DIR / f"rank_{info.rank:05d}.pt")
+    torch.save(trainer_state, pending.tmp / TRAINER_DIR / f"rank_{info.rank:05d}.pt")
     if info.is_main_process:
-        atomic_write_json(tmp / "config.json", cfg.to_dict())
-        tokenizer.save(tmp)
+        atomic_write_json(pending.tmp / "config.json", cfg.to_dict())
+        tokenizer.save(pending.tmp)
         if extra is not None:
-            extra(tmp)
+            extra(pending.tmp)
+    if not background:
+        _write(pending.tmp, weights, optim, info, group=None)
+        return pending
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    stager = BlockingAsyncStager()
+    weights, optim = stager.stage(weights), stager.stage(optim)  # CPU copies: training may now change the originals
+    group = process_group if info.distributed else None
+
+    def write_and_commit() -> Path:
+        _write(pending.tmp, weights, optim, info, group=group)
+        return _commit(pending, info, group=group)
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptforge-checkpoint")
+    pending.background = executor.submit(write_and_commit)
+    executor.shutdown(wait=False)
     return pending
 
 
-def commit_sharded(pending: PendingSave, info: DistInfo) -> Path:
-    """Wait for this rank's writes, hash the files (each rank a share), write the manifest and rename the
-    checkpoint into place; point RUN_DIR/latest at it and prune old ones (a collective). Returns its path."""
+def _write(tmp: Path, weights: dict, optim: dict, info: DistInfo, *, group) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process():
+        for name, sd in ((MODEL_DIR, weights), (OPTIMIZER_DIR, optim)):
+            dcp.save(sd, checkpoint_id=tmp / name, process_group=group, no_dist=not info.distributed)
+
+
+def _commit(pending: PendingSave, info: DistInfo, *, group) -> Path:
+    """Hash the files (each rank a share), write the manifest and rename the checkpoint into place; point
+    RUN_DIR/latest at it and prune old ones (a collective over `group`). Returns its path."""
     from gptforge.checkpoint.io import SCHEMA_VERSION, prune_checkpoints
 
-    for future in pending.futures:
-        future.result()
-    barrier(info)
+    _barrier(info, group)
     files = sorted(str(p.relative_to(pending.tmp)) for p in pending.tmp.rglob("*") if p.is_file())
     mine = {rel: sha256_file(pending.tmp / rel) for i, rel in enumerate(files) if i % info.world_size == info.rank}
-    manifest = {k: v for part in all_gather_object(mine, info) for k, v in part.items()}
+    manifest = {k: v for part in _gather(mine, info, group) for k, v in part.items()}
     if info.is_main_process:
         atomic_write_json(pending.tmp / "state.json", {
             "schema_version": SCHEMA_VERSION, "format": "sharded", "world_size": info.world_size,
@@ -135,8 +159,29 @@ def commit_sharded(pending: PendingSave, info: DistInfo) -> Path:
         atomic_replace_dir(pending.tmp, pending.final)
         atomic_write_text(pending.run_dir / "latest", pending.final.name + "\n")
         prune_checkpoints(pending.run_dir, pending.keep)
-    barrier(info)
+    _barrier(info, group)
     return pending.final
+
+
+def _barrier(info: DistInfo, group) -> None:
+    if info.distributed:
+        torch.distributed.barrier(group=group)
+
+
+def _gather(obj, info: DistInfo, group) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load that it assumes one process; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _saved_tensors(directory: Path) -> dict[str, Any]:
@@ -159,7 +204,8 @@ def _dcp_load(state: dict, directory: Path, *, no_dist: bool) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
     except Exception as exc:  # DCP wraps per-rank failures (a damaged shard, ...) in its own exception types
         message = str(exc).strip().splitlines()
         raise GptforgeError(f"cannot load sharded checkpoint {directory}: {message[-1] if message else exc}") from None

@@ -34,13 +34,7 @@ from gptforge.checkpoint.io import (
     read_json,
     save_checkpoint,
 )
-from gptforge.checkpoint.sharded import (
-    PendingSave,
-    commit_sharded,
-    load_optimizer,
-    load_trainer_state,
-    save_sharded,
-)
+from gptforge.checkpoint.sharded import PendingSave, load_optimizer, load_trainer_state, save_sharded
 from gptforge.config import Config, advisories, config_from_dict, save_config
 from gptforge.data.batches import BatchSource, ValSet
 from gptforge.distributed.env import DistInfo, all_gather_object, barrier, init_distributed, teardown
@@ -283,11 +277,10 @@ def _save(run: Run, step: int, val_loss: float) -> None:
     if _format(run.cfg, run.info) == "sharded":
         _finish_save(run)
         trainer_state = {"sampler": run.task.train.state_dict(), "rng": capture_rng(), "scaler": scaler}
-        pending = save_sharded(run.run_dir, step=step, model=run.model, optimizer=run.optimizer, cfg=run.cfg,
-                               tokenizer=run.task.tokenizer, trainer_state=trainer_state, state=state, info=run.info,
-                               keep=run.cfg.train.keep_checkpoints, extra=run.task.save_extra,
-                               background=run.cfg.train.async_checkpoint, process_group=run.checkpoint_group)
-        run.pending_save = pending
+        run.pending_save = save_sharded(
+            run.run_dir, step=step, model=run.model, optimizer=run.optimizer, cfg=run.cfg, tokenizer=run.task.tokenizer,
+            trainer_state=trainer_state, state=state, info=run.info, keep=run.cfg.train.keep_checkpoints,
+            extra=run.task.save_extra, background=run.cfg.train.async_checkpoint, process_group=run.checkpoint_group)
         if not run.cfg.train.async_checkpoint:
             _finish_save(run)
         return
@@ -306,4 +299,4 @@ def _finish_save(run: Run) -> None:
     """Commit a sharded checkpoint still being written, if any (a collective: waits for every rank's writes)."""
     if run.pending_save is not None:
         pending, run.pending_save = run.pending_save, None
-        commit_sharded(pending, run.info)
+        pending.finish(run.info)
