@@ -139,11 +139,12 @@ class MemoryEstimate:
     optimizer_bytes: float
     activations_bytes: float
     working_bytes: float  # autocast weight copies (ddp) or gathered units and unsharded grads (fsdp)
+    runtime_bytes: float = 0.0  # the process itself (host memory only: Python, torch, gloo)
 
     @property
     def total_bytes(self) -> float:
         return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
-                + self.working_bytes)
+                + self.working_bytes + self.runtime_bytes)
 
     def fits(self, gpu_memory_gib: float) -> bool:
         """Whether the total is within `USABLE_FRACTION` of a GPU with `gpu_memory_gib` GiB."""
@@ -171,6 +172,55 @@ def memory_per_gpu(cfg: ModelConfig, *, micro_batch_size: int, world_size: int, 
     acts = activation_bytes(cfg, micro_batch_size, checkpointing=strategy == "fsdp+ac", flash=flash)
     return MemoryEstimate(strategy, WEIGHT_BYTES * n / world_size, GRAD_BYTES * n / world_size,
                           ADAM_BYTES * n / world_size, acts, gathered + unsharded_grads)
+
+
+CPU_STRATEGIES = ("single", "ddp", "fsdp", "fsdp+ac")
+# Resident memory of a training process before any model exists: Python, torch, gptforge, the gloo process group.
+# Measured on this project's machine (torch 2.13 CPU, Linux; benchmarks/bench_memory.py "baseline RSS").
+CPU_RUNTIME_BYTES = 0.33 * GIB
+
+
+def memory_per_rank(cfg: ModelConfig, *, micro_batch_size: int, world_size: int, strategy: str,
+                    device: str = "cuda", flash: bool = True) -> MemoryEstimate:
+    """Per-rank training memory: `memory_per_gpu` for device "cuda", host memory (RSS) of a CPU rank for "cpu".
+
+    CPU ranks train in float32 throughout (no autocast; FSDP2's MixedPrecisionPolicy with fp32 params), so
+    every term counts 4-byte values, with `strategy` in CPU_STRATEGIES ("single": one process, no sharding):
+      weights 4 N, grads 4 N, AdamW 8 N                       (/ world_size under fsdp)
+      activations    twice the 16-bit figures of `activation_bytes` (the same tensors in fp32; SDPA's fused CPU
+                     kernel keeps a fp32 log-sum-exp, no s^2 tensor), plus the loss's fp32 logits and
+                     log-softmax (8 s b V) in place of the 16-bit output terms
+      working        fsdp: the unsharded root (embeddings, tied head; kept from forward to backward) and two
+                     all-gathered blocks (current, prefetched), one block's all-gather buffer, the root's and one
+                     block's unsharded gradients and the reduce-scatter input: 4 (2 root + 5 block); unsharded:
+                     the tied embedding's second gradient contribution before accumulation, 4 V D
+      runtime        CPU_RUNTIME_BYTES, the process before the model
+    Not modelled: allocator fragmentation (glibc returns large freed blocks to the system; measured within a few
+    percent, see docs/scale.md), communication buffers of gloo beyond those named.
+
+    Raises:
+        GptforgeError: unknown strategy or device.
+    """
+    if device == "cuda":
+        return memory_per_gpu(cfg, micro_batch_size=micro_batch_size, world_size=world_size, strategy=strategy,
+                              flash=flash)
+    if device != "cpu" or strategy not in CPU_STRATEGIES:
+        raise GptforgeError(f"unknown device/strategy '{device}'/'{strategy}' (allowed: cuda with "
+                            f"{', '.join(STRATEGIES)}; cpu with {', '.join(CPU_STRATEGIES)})")
+    n, sharded = count_parameters(cfg), strategy.startswith("fsdp")
+    ways = world_size if sharded else 1
+    s, b = cfg.context_length, micro_batch_size
+    acts = 2 * activation_bytes(cfg, micro_batch_size, checkpointing=strategy == "fsdp+ac", flash=flash)
+    acts += 8.0 * s * b * cfg.vocab_size - 2 * 10.0 * s * b * cfg.vocab_size  # fp32 loss terms, not 2 x 16-bit
+    # unsharded: the tied embedding's second gradient contribution (head, then embedding) is a full V x D
+    # temporary before it is accumulated
+    working = GRAD_BYTES * cfg.vocab_size * cfg.d_model
+    if sharded:
+        block = block_parameters(cfg)
+        root = n - (cfg.n_layer // cfg.shared_layer_group) * block
+        working = WEIGHT_BYTES * (2 * root + 5 * block)
+    return MemoryEstimate(strategy, WEIGHT_BYTES * n / ways, GRAD_BYTES * n / ways, ADAM_BYTES * n / ways, acts,
+                          working, CPU_RUNTIME_BYTES)
 
 
 @dataclass(frozen=True)
