@@ -47,19 +47,16 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(offset, shape) of this rank's part of `t` within the whole tensor: all of it for a plain tensor.
-
-    Raises:
-        GptforgeError: a DTensor placement that is not a plain Shard or Replicate (e.g. strided sharding).
-    """
+def local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(offset, shape) of this rank's part of `t` within the whole tensor: all of it for a plain tensor; None
+    when the part is not one box of the whole (a placement other than plain Shard / Replicate)."""
     if not _is_dtensor(t):
         return (0,) * t.dim(), tuple(t.shape)
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if any(type(p) not in (Shard, Replicate) for p in t.placements):
-        raise GptforgeError(f"cannot fill a tensor placed as {t.placements} (only Shard and Replicate)")
+        return None  # e.g. FSDP2's strided sharding over tensor-parallel shards: no single box
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(offset), tuple(shape)
 
@@ -68,10 +65,17 @@ def local_region(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def assign_rows(t: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> None:
     """Write into this rank's part of `t` (plain or DTensor) from `rows(start, stop)`, which returns rows
     [start, stop) along dim 0 of the whole tensor (all columns, any device, any float dtype)."""
-    offset, shape = local_region(t)
+    region = local_region(t)
     local = t.to_local() if _is_dtensor(t) else t
     if local.numel() == 0:
         return
+    if region is None:  # take this rank's part out of the whole tensor (costs one whole tensor, transiently)
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = rows(0, t.shape[0]).to(local.device, local.dtype).reshape(t.shape)
+        local.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local())
+        return
+    offset, shape = region
     if t.dim() == 0:
         local.copy_(rows(0, 1).reshape(()))
         return

@@ -22,7 +22,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32, *, mesh=None) -> nn.Module:
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (`fully_shard`): each block,
     then the root (embeddings, tied head, final norm). Modifies `model` in place and returns it.
 
@@ -32,7 +32,8 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype = torc
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if mesh is None:  # all ranks; with tensor parallelism, the data-parallel dimension of a 2-D mesh instead
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
