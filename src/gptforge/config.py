@@ -449,6 +449,9 @@ def validate(cfg: Config) -> None:
     _check(t.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {t.tensor_parallel}")
     _check(m.n_head % t.tensor_parallel == 0,
            f"train.tensor_parallel={t.tensor_parallel} must divide model.n_head={m.n_head} (whole heads per rank)")
+    _check(t.tensor_parallel == 1 or m.dropout == 0,
+           f"train.tensor_parallel={t.tensor_parallel} needs model.dropout = 0 (got {m.dropout}): replicated "
+           "activations would draw different dropout masks on each rank")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _check(t.spike_zscore >= 0 and t.spike_window >= 2,
            "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")

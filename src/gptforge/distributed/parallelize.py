@@ -52,19 +52,29 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def shard_model(model: nn.Module, info: DistInfo, *, data_parallel: str, activation_checkpointing: bool,
                 param_dtype: torch.dtype = torch.float32) -> None:
-    """The wrappers that change where parameters live, in place: activation checkpointing, then FSDP2 sharding
-    (under torchrun with data_parallel "fsdp"). Works on a model on the meta device, before materialisation."""
+    """The wrappers that change where parameters live, in place: tensor parallelism (`info.tensor_parallel` > 1,
+    on the "tp" dimension of a (dp, tp) mesh), activation checkpointing, then FSDP2 sharding (under torchrun with
+    data_parallel "fsdp"; over the "dp" dimension with tensor parallelism). Works on a model on the meta device,
+    before materialisation."""
+    mesh = None
+    if info.tensor_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from gptforge.distributed.tensor_parallel import apply_tensor_parallel
+
+        mesh = init_device_mesh(info.device.type, (info.dp_size, info.tensor_parallel), mesh_dim_names=("dp", "tp"))
+        apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if info.distributed and data_parallel == "fsdp":
-        apply_fsdp(model, info, param_dtype)
+    if info.dp_size > 1 and data_parallel == "fsdp":
+        apply_fsdp(model, info, param_dtype, mesh=mesh["dp"] if mesh is not None else None)
 
 
 def wrap_model(model: nn.Module, info: DistInfo, *, data_parallel: str, compile: bool) -> nn.Module:
     """The wrappers around a materialised model: torch.compile, then DDP (which broadcasts rank 0's weights).
     Returns the module to call in training steps."""
     train_model = torch.compile(model) if compile else model
-    if info.distributed and data_parallel == "ddp":
+    if info.distributed and data_parallel == "ddp" and info.tensor_parallel == 1:
         train_model = apply_ddp(train_model, info)
     return train_model
 

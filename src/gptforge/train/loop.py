@@ -186,6 +186,19 @@ def _build_model(cfg: Config, task: Task, ckpt: Path | None, info: DistInfo) -> 
     return model, wrap_model(model, info, data_parallel=t.data_parallel, compile=t.compile)
 
 
+def _with_tensor_parallel(info: DistInfo, tensor_parallel: int, data_parallel: str) -> DistInfo:
+    """`info` with train.tensor_parallel set, checked against the world size and data_parallel."""
+    if tensor_parallel == 1:
+        return info
+    if info.world_size % tensor_parallel:
+        raise GptforgeError(f"train.tensor_parallel={tensor_parallel} must divide the number of ranks "
+                            f"({info.world_size}; launch with torchrun --nproc_per_node N)")
+    if info.world_size > tensor_parallel and data_parallel != "fsdp":
+        raise GptforgeError("train.tensor_parallel with more ranks than tensor-parallel ones needs "
+                            "train.data_parallel=fsdp (FSDP2 over the data-parallel dimension)")
+    return dataclasses.replace(info, tensor_parallel=tensor_parallel)
+
+
 def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, resume: str | None) -> Run:
     """Task, model (fresh, `init_from`, or a checkpoint), parallel wrappers, optimizer, run directory."""
     t = cfg.train
@@ -197,10 +210,13 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
     if not resume and any((run_dir / "checkpoints").glob("step_*")):
         raise GptforgeError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
                             "a new --out (nothing was changed)")
+    info = _with_tensor_parallel(info, t.tensor_parallel, t.data_parallel)
     ckpt = find_resume_checkpoint(run_dir if resume == "latest" else resume, info=info) if resume else None
     if ckpt:
         cfg.model = _resume_model_config(cfg, ckpt)
-    task = make_task(cfg, info, ckpt)
+    # the task shards data over data-parallel ranks: tensor-parallel ranks of one replica read the same rows
+    task = make_task(cfg, dataclasses.replace(info, rank=info.dp_rank, world_size=info.dp_size, tensor_parallel=1),
+                     ckpt)
     for note in advisories(cfg):
         print0(f"warning: {note}")
     model, train_model = _build_model(cfg, task, ckpt, info)
@@ -261,10 +277,11 @@ def _step_of(line: str) -> int:
 
 
 def _format(cfg: Config, info: DistInfo) -> str:
-    """train.checkpoint_format resolved: "auto" is sharded under FSDP, consolidated otherwise."""
+    """train.checkpoint_format resolved: "auto" is sharded under FSDP or tensor parallelism, else consolidated."""
     chosen = cfg.train.checkpoint_format
     if chosen == "auto":
-        return "sharded" if info.distributed and cfg.train.data_parallel == "fsdp" else "consolidated"
+        sharded = info.distributed and (cfg.train.data_parallel == "fsdp" or info.tensor_parallel > 1)
+        return "sharded" if sharded else "consolidated"
     return chosen
 
 
