@@ -50,7 +50,7 @@ GIB = 2**30
 USABLE_FRACTION = 0.9  # of GPU memory an estimate may use; the rest is CUDA context, fragmentation, temporaries
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES, BF16_BYTES = 4, 4, 8, 2  # per parameter
 STRATEGIES = ("ddp", "fsdp", "fsdp+ac")
-STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP", "fsdp+ac": "FSDP + act. ckpt"}
+STRATEGY_LABELS = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP", "fsdp+ac": "FSDP + act. ckpt"}
 
 
 def training_flops(cfg: ModelConfig, tokens: float) -> float:
@@ -239,6 +239,7 @@ class Plan:
     micro_batch_size: int
     gpu_memory_gib: float
     memory: tuple[MemoryEstimate, ...]
+    device: str = "cuda"  # "cpu": `memory` is host memory per CPU rank (memory_per_rank)
 
 
 def parse_number(flag: str, text: str, *, integer: bool = False) -> float:
@@ -261,12 +262,13 @@ def _check_positive(name: str, value: float, *, upper: float = math.inf) -> None
 
 
 def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, mfu: float,
-              micro_batch_size: int, gpu_memory_gib: float) -> Plan:
-    """Compute, time and memory of training `cfg` on `tokens` tokens with `gpus` GPUs.
+              micro_batch_size: int, gpu_memory_gib: float, device: str = "cuda") -> Plan:
+    """Compute, time and memory of training `cfg` on `tokens` tokens with `gpus` GPUs (or CPU ranks).
 
     Args:
         tokens: training tokens. peak_flops: per-GPU peak, FLOP/s. mfu: model FLOPs utilisation in (0, 1].
         micro_batch_size: sequences per GPU per micro-step. gpu_memory_gib: memory of one GPU, GiB.
+        device: "cuda" (GPU memory, `memory_per_gpu`) or "cpu" (host memory of CPU ranks, `memory_per_rank`).
 
     Raises:
         GptforgeError: a non-positive or non-finite number, or mfu > 1.
@@ -277,12 +279,12 @@ def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, 
     _check_positive("--mfu", mfu, upper=1.0)
     n = count_parameters(cfg)
     total = training_flops(cfg, tokens)
-    memory = tuple(memory_per_gpu(cfg, micro_batch_size=micro_batch_size, world_size=gpus, strategy=s)
-                   for s in STRATEGIES)
+    memory = tuple(memory_per_rank(cfg, micro_batch_size=micro_batch_size, world_size=gpus, strategy=s,
+                                   device=device) for s in (CPU_STRATEGIES if device == "cpu" else STRATEGIES))
     return Plan(n_params=n, flops_per_token=flops_per_token(cfg), tokens=tokens, training_flops=total,
                 table_d1_flops=table_d1_flops(n, tokens), gpus=gpus, peak_flops=peak_flops, mfu=mfu,
                 wall_clock_s=wall_clock_s(total, gpus=gpus, peak_flops=peak_flops, mfu=mfu),
-                micro_batch_size=micro_batch_size, gpu_memory_gib=gpu_memory_gib, memory=memory)
+                micro_batch_size=micro_batch_size, gpu_memory_gib=gpu_memory_gib, memory=memory, device=device)
 
 
 def _count(n: float) -> str:
@@ -296,7 +298,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
     """The plan as the text `gptforge plan` prints (one table for memory, assumptions at the end)."""
     six_n = 6.0 * plan.n_params
     days = plan.wall_clock_s / 86400
-    gpus = f"{plan.gpus:,} GPU{'s' if plan.gpus > 1 else ''}"
+    cpu = plan.device == "cpu"
+    gpus = f"{plan.gpus:,} {'CPU rank' if cpu else 'GPU'}{'s' if plan.gpus > 1 else ''}"
     lines = [
         f"{name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length}, "
         f"vocab {cfg.vocab_size}, attention {cfg.attention_pattern}",
@@ -311,16 +314,21 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
         f"{plan.gpus * plan.peak_flops * plan.mfu / 1e15:,.4g} PFLOP/s",
         f"wall clock        {days:,.1f} days ({plan.wall_clock_s / 3600:,.1f} hours)",
         "",
-        f"memory per GPU in GiB: micro-batch {plan.micro_batch_size} x {cfg.context_length} tokens, "
-        f"{gpus}; fits = total <= {USABLE_FRACTION:.0%} of {plan.gpu_memory_gib:g} GiB",
+        f"{'host memory per CPU rank (RSS)' if cpu else 'memory per GPU'} in GiB: micro-batch "
+        f"{plan.micro_batch_size} x {cfg.context_length} tokens, {gpus}; fits = total <= {USABLE_FRACTION:.0%} of "
+        f"{plan.gpu_memory_gib:g} GiB",
         f"{'strategy':<17}{'weights':>9}{'grads':>9}{'optimizer':>11}{'activations':>13}{'working':>9}"
-        f"{'total':>9}  fits",
+        f"{'runtime' if cpu else '':>9}{'total':>9}  fits",
     ]
     for m in plan.memory:
         lines.append(f"{STRATEGY_LABELS[m.strategy]:<17}{m.weights_bytes / GIB:>9.2f}{m.grads_bytes / GIB:>9.2f}"
                      f"{m.optimizer_bytes / GIB:>11.2f}{m.activations_bytes / GIB:>13.2f}"
-                     f"{m.working_bytes / GIB:>9.2f}{m.total_bytes / GIB:>9.2f}  "
-                     f"{'yes' if m.fits(plan.gpu_memory_gib) else 'no'}")
+                     f"{m.working_bytes / GIB:>9.2f}{f'{m.runtime_bytes / GIB:.2f}' if cpu else '':>9}"
+                     f"{m.total_bytes / GIB:>9.2f}  {'yes' if m.fits(plan.gpu_memory_gib) else 'no'}")
+    if cpu:
+        return "\n".join(lines + ["", "assumptions: float32 throughout on CPU ranks (16 bytes/parameter of state), "
+                                  "fp32 activations, FSDP2 working", "  memory and the process's own "
+                                  "runtime; see memory_per_rank in gptforge/plan.py and docs/scale.md."])
     lines += [
         "",
         "assumptions: fp32 weights and gradients, AdamW moments in fp32 (16 bytes/parameter); DDP: bf16 autocast,",

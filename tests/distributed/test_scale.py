@@ -30,7 +30,9 @@ def launch(*args, ranks: int = 2):
     prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
     proc = subprocess.run([sys.executable, *prefix, *map(str, args)], env=ENV, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # a failure shows the lines that name it (an abort's message sits above torchrun's summary) and the tail
+    named = [line for line in proc.stderr.splitlines() if any(w in line for w in ("terminate", "Error", "error:"))]
+    assert proc.returncode == 0, "\n".join(named[:20]) + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
 
