@@ -121,7 +121,8 @@ def run_workers(args, ranks: int, out_dir: Path) -> list[dict]:
         env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"error: the {ranks}-rank run failed:\n{proc.stderr[-3000:]}")
+        print(f"error: the {ranks}-rank run failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        raise SystemExit(1)
     return json.loads(result.read_text())
 
 
@@ -131,8 +132,9 @@ def available_bytes() -> int:
 
 def check_fits(args, what: str, total_bytes: float) -> None:
     if total_bytes > 0.9 * available_bytes() and not args.force:
-        raise SystemExit(f"error: the {what} run is planned to need {total_bytes / GIB:.1f} GiB; "
-                         f"{available_bytes() / GIB:.1f} GiB are available now (use a smaller --preset, or --force)")
+        print(f"error: the {what} run is planned to need {total_bytes / GIB:.1f} GiB; {available_bytes() / GIB:.1f} "
+              "GiB are available now (use a smaller --preset, or --force)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _g(value: float) -> str:
