@@ -16,8 +16,8 @@ counted), with the peak from `gptforge.utils.gpus` (the H200 entry: 989 TFLOP/s 
 `gptforge.plan.memory_per_gpu` for the same setup, so the table also checks the planner against
 `torch.cuda.max_memory_allocated`.
 
-Data are random tokens (no files). Imports only torch and gptforge's config, model, plan, train.optim and
-utils modules (no `datasets`). Run it with `benchmarks/gpu_check.sh`; `--cpu-smoke` rehearses every code
+Data are random tokens (no files). Imports only torch and gptforge's config, model, plan, distributed, train.optim
+and utils modules (no `datasets`). Run it with `benchmarks/gpu_check.sh`; `--cpu-smoke` rehearses every code
 path on the CPU with tiny shapes (gloo instead of NCCL, aot_eager instead of inductor) in under a minute.
 """
 

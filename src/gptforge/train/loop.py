@@ -223,7 +223,10 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
     run = Run(cfg=cfg, info=info, run_dir=run_dir, task=task, model=model, train_model=train_model,
               optimizer=build_optimizer(model, cfg.optim, info.device.type),
               scaler=torch.amp.GradScaler(info.device.type) if t.dtype == "float16" else None)
-    if t.async_checkpoint and _format(cfg, info) == "sharded" and info.distributed:
+    if t.async_checkpoint and _format(cfg, info) != "sharded":
+        print0("warning: train.async_checkpoint has no effect on consolidated checkpoints (set "
+               "train.checkpoint_format=sharded to write in the background)")
+    elif t.async_checkpoint and info.distributed:
         import torch.distributed as dist
 
         run.checkpoint_group = dist.new_group(backend="gloo")  # background writes must not share training's group
