@@ -2,18 +2,22 @@
 
 Phase 1: GPT-3 Small (the `gpt3-small` preset: context 2048, alternating dense / banded attention) with bf16
 autocast over fp32 weights, as `gptforge pretrain` trains it: eager first (a baseline that cannot fail),
-then `torch.compile`. Phase 2: the largest GPT-3 preset that `gptforge.plan` says fits this GPU with FSDP2
-(`fully_shard`, a single-process world of size 1) plus activation checkpointing of every block, trained
-for a few steps; an out-of-memory error falls back to a smaller micro-batch, then a smaller preset. Every
-phase has a time budget; one table is printed at the end (and each row as soon as it is measured).
+then `torch.compile` with SDPA restricted to its fused kernels (flash for the dense layers; SDPA's flash kernel
+takes no band mask, so banded layers use the memory-efficient one; the math fallback is excluded). Phase 2:
+`gpt3-xl` (1.3B) with FSDP2 built the way `gptforge pretrain` builds it (meta device, `fully_shard` per block
+and root with bf16 MixedPrecisionPolicy, seeded init materialised into the shards; a single-process world of
+size 1). Phase 3, while time is left: the largest GPT-3 preset that `gptforge.plan` says fits this GPU with
+FSDP2 plus activation checkpointing of every block; an out-of-memory error falls back to a smaller
+micro-batch, then a smaller preset. Every phase has a time budget; one table is printed at the end (and each
+row as soon as it is measured).
 
 MFU = flops_per_token x tokens/s / peak (the PaLM convention gptforge logs; activation recomputation is not
 counted), with the peak from `gptforge.utils.gpus` (the H200 entry: 989 TFLOP/s dense bf16). "planned" is
 `gptforge.plan.memory_per_gpu` for the same setup, so the table also checks the planner against
 `torch.cuda.max_memory_allocated`.
 
-Data are random tokens (no files). Imports only torch and gptforge's config, model, plan, train.optim and
-utils modules (no `datasets`). Run it with `benchmarks/gpu_check.sh`; `--cpu-smoke` rehearses every code
+Data are random tokens (no files). Imports only torch and gptforge's config, model, plan, distributed, train.optim
+and utils modules (no `datasets`). Run it with `benchmarks/gpu_check.sh`; `--cpu-smoke` rehearses every code
 path on the CPU with tiny shapes (gloo instead of NCCL, aot_eager instead of inductor) in under a minute.
 """
 
@@ -30,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptforge.config import Config, ModelConfig, load_config
 from gptforge.model.gpt import GPT, IGNORE_INDEX, count_parameters, flops_per_token
@@ -150,9 +154,16 @@ def _train_single(row: Row, cfg: Config, *, device, peak, micro_batch, compile_b
     optimizer = build_optimizer(model, cfg.optim, device.type)
     train_model = torch.compile(model, backend=compile_backend) if compiled else model
 
+    def autocast():
+        if not compiled:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        stack = contextlib.ExitStack()  # fused kernels only: flash (dense layers), memory-efficient (band masks)
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]))
+        return stack
+
     def step():
-        batch = random_batch(cfg.model, micro_batch, device, gen)
-        return train_step(train_model, optimizer, *batch, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        return train_step(train_model, optimizer, *random_batch(cfg.model, micro_batch, device, gen), autocast)
 
     measure(row, step, device=device, budget=budget, warmup=warmup, max_steps=max_steps,
             tokens_per_step=micro_batch * cfg.model.context_length, fpt=flops_per_token(cfg.model), peak=peak)
@@ -160,7 +171,7 @@ def _train_single(row: Row, cfg: Config, *, device, peak, micro_batch, compile_b
 
 def phase_single(cfg: Config, name: str, *, device, micro_batch, compile_backend, compiled: bool, **kw) -> Row:
     """Phase 1: one GPU, fp32 weights under bf16 autocast (what `gptforge pretrain` does), eager or compiled."""
-    setup = f"bf16 autocast, {'compile (' + compile_backend + ')' if compiled else 'eager'}"
+    setup = f"bf16 autocast, {'compile (' + compile_backend + '), flash SDPA' if compiled else 'eager'}"
     planned = memory_per_gpu(cfg.model, micro_batch_size=micro_batch, world_size=1, strategy="ddp")
     row = Row("1", name, count_parameters(cfg.model), setup, micro_batch, cfg.model.context_length,
               planned_gib=planned.total_bytes / GIB)
@@ -176,20 +187,7 @@ def phase_single(cfg: Config, name: str, *, device, micro_batch, compile_backend
     return row
 
 
-# ---- Phase 2: FSDP2 + activation checkpointing, single process ------------------------------------------------
-# In-script stand-ins, using torch APIs only, until gptforge.distributed provides these helpers.
-
-class CheckpointedBlock(nn.Module):
-    """Runs a Block under non-reentrant `torch.utils.checkpoint`: only its input is kept for the backward,
-    its activations are recomputed there (Chen et al. 2016; Korthikanti et al. 2022, "full recomputation")."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, **kwargs)
-
+# ---- Phases 2 and 3: FSDP2, single process ---------------------------------------------------------------------
 
 def init_single_process_group(device: torch.device) -> None:
     """A world of one rank (NCCL on CUDA, gloo on CPU) on a free local port, which FSDP2's mesh needs."""
@@ -204,22 +202,23 @@ def init_single_process_group(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def build_fsdp_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """GPT on `device`, every block checkpointed, then `fully_shard` per block and at the root (embeddings,
-    tied head), with bf16 compute and fp32 gradient reduction (MixedPrecisionPolicy, not autocast)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def build_fsdp_model(cfg: ModelConfig, device: torch.device, *, checkpointing: bool, meta: bool) -> nn.Module:
+    """GPT sharded with gptforge's own wrappers: optionally every block checkpointed, then `fully_shard` per block
+    and at the root with bf16 compute and fp32 gradient reduction (MixedPrecisionPolicy, not autocast). With
+    `meta`, as `gptforge pretrain` builds it: on the meta device, then materialised and initialised (seeded,
+    sharding-invariant, drawn on the CPU); else built directly on `device` (faster to start for the largest)."""
+    from gptforge.distributed.env import DistInfo
+    from gptforge.distributed.materialize import materialize
+    from gptforge.distributed.parallelize import apply_activation_checkpointing, apply_fsdp
 
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta" if meta else device):
         model = GPT(cfg)
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = CheckpointedBlock(block)
-    mesh = init_device_mesh(device.type, (1,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, DistInfo(device=device), param_dtype=torch.bfloat16)
+    if meta:
+        materialize(model, device, seed=0)
     return model
 
 
@@ -234,11 +233,12 @@ def fsdp_candidates(configs: dict[str, Config], memory_gib: float, batches=(4, 2
     return out
 
 
-def _train_fsdp(row: Row, cfg: Config, *, device, micro_batch, **kw) -> None:
+def _train_fsdp(row: Row, cfg: Config, *, device, micro_batch, checkpointing: bool = True, meta: bool = False,
+                **kw) -> None:
     """Build, shard and measure one FSDP candidate; the model dies with this frame."""
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    model = build_fsdp_model(cfg.model, device)
+    model = build_fsdp_model(cfg.model, device, checkpointing=checkpointing, meta=meta)
     optimizer = build_optimizer(model, cfg.optim, device.type)
     built_s = time.perf_counter() - start
 
@@ -250,14 +250,37 @@ def _train_fsdp(row: Row, cfg: Config, *, device, micro_batch, **kw) -> None:
     row.note = f"built and sharded in {built_s:.0f} s" + (f"; {row.note}" if row.note else "")
 
 
+def phase_xl(cfg: Config, name: str, *, device, memory_gib, budget, **kw) -> list[Row]:
+    """Phase 2: `name` (gpt3-xl) with FSDP2 and no activation checkpointing, built on the meta device; the
+    largest micro-batch (8, 4, 2, 1) the planner says fits, smaller after an out-of-memory error."""
+    init_single_process_group(device)
+    rows: list[Row] = []
+    for b in [b for b in (8, 4, 2, 1) if memory_per_gpu(cfg.model, micro_batch_size=b, world_size=1,
+                                                       strategy="fsdp").fits(memory_gib)] or [1]:
+        planned = memory_per_gpu(cfg.model, micro_batch_size=b, world_size=1, strategy="fsdp")
+        row = Row("2", name, count_parameters(cfg.model), "FSDP2 (meta build), bf16 params", b,
+                  cfg.model.context_length, planned_gib=planned.total_bytes / GIB)
+        rows.append(row)
+        try:
+            _train_fsdp(row, cfg, device=device, micro_batch=b, checkpointing=False, meta=True, budget=budget, **kw)
+            return rows
+        except Exception as exc:
+            row.note = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            if not is_oom(exc):
+                return rows
+        finally:
+            release(device)
+    return rows
+
+
 def phase_fsdp(configs: dict[str, Config], *, device, memory_gib, budget, **kw) -> list[Row]:
-    """Phase 2: the planner's candidates, largest first, until one trains; returns a row per attempt."""
+    """Phase 3: the planner's candidates, largest first, until one trains; returns a row per attempt."""
     init_single_process_group(device)
     rows: list[Row] = []
     for name, b in fsdp_candidates(configs, memory_gib):  # an OOM moves on to the next (smaller) candidate
         cfg = configs[name]
         planned = memory_per_gpu(cfg.model, micro_batch_size=b, world_size=1, strategy="fsdp+ac")
-        row = Row("2", name, count_parameters(cfg.model), "FSDP2 + act. ckpt, bf16 params", b,
+        row = Row("3", name, count_parameters(cfg.model), "FSDP2 + act. ckpt, bf16 params", b,
                   cfg.model.context_length, planned_gib=planned.total_bytes / GIB)
         rows.append(row)
         if budget.left_s() < 20:
@@ -278,7 +301,7 @@ def phase_fsdp(configs: dict[str, Config], *, device, memory_gib, budget, **kw) 
 # ---- Main -----------------------------------------------------------------------------------------------------
 
 def smoke_configs() -> tuple[Config, dict[str, Config]]:
-    """Tiny shapes for --cpu-smoke: one model for phase 1 and three sizes for phase 2's selection."""
+    """Tiny shapes for --cpu-smoke: one model for phase 1 (and 2) and three sizes for phase 3's selection."""
     def tiny(d_model, n_layer):
         return load_config(preset="debug", overrides=[("d_model", d_model), ("n_layer", n_layer), ("n_head", 2),
                                                       ("context_length", 64), ("attention_pattern", "dense,local")])
@@ -290,11 +313,11 @@ def _gib(value: float | None) -> str:
 
 
 def format_table(rows: list[Row], header: str) -> str:
-    lines = [header, f"{'phase':<6}{'model':<12}{'params':>9}  {'setup':<38}{'batch':>11}{'steps':>6}"
+    lines = [header, f"{'phase':<6}{'model':<12}{'params':>9}  {'setup':<46}{'batch':>11}{'steps':>6}"
              f"{'tokens/s':>11}{'MFU':>7}{'1st step':>9}{'peak GiB':>9}{'planned':>8}  note"]
     for r in rows:
         batch = f"{r.micro_batch}x{r.context_length}"
-        lines.append(f"{r.phase:<6}{r.model:<12}{r.params / 1e6:>8.1f}M  {r.setup:<38}{batch:>11}{r.steps:>6}"
+        lines.append(f"{r.phase:<6}{r.model:<12}{r.params / 1e6:>8.1f}M  {r.setup:<46}{batch:>11}{r.steps:>6}"
                      f"{r.tokens_per_s:>11,.0f}{r.mfu:>7.1%}{r.first_step_s:>8.1f}s{_gib(r.peak_gib):>9}"
                      f"{_gib(r.planned_gib):>8}  {r.note}")
     return "\n".join(lines)
@@ -334,21 +357,26 @@ def main(argv: list[str] | None = None) -> int:
               f"planning for {_gib(memory_gib)} GiB; random tokens")
     print(header, flush=True)
     rows: list[Row] = []
-    # Budgets, as fractions of the total: eager 12%, compiled up to 55%, FSDP up to 100%.
-    phases = [(0.12, False)] + ([] if args.skip_compile else [(0.55, True)])
+    xl, xl_name = (fsdp_configs["tiny-128"], "tiny-128") if smoke else (fsdp_configs["gpt3-xl"], "gpt3-xl")
+    # Budgets, as fractions of the total: eager until 10%, compiled until 40%, gpt3-xl until 65%, largest to 100%.
+    phases = [(0.10, False)] + ([] if args.skip_compile else [(0.40, True)])
     try:
         for until, compiled in phases:
             rows.append(phase_single(small, small_name, device=device, peak=peak, micro_batch=micro_batch,
                                      compile_backend=backend, budget=Budget(start, until * total_s), warmup=warmup,
                                      max_steps=max_steps, compiled=compiled))
             print(format_table(rows[-1:], "").splitlines()[-1], flush=True)
+        for row in phase_xl(xl, xl_name, device=device, peak=peak, memory_gib=memory_gib,
+                            budget=Budget(start, 0.65 * total_s), warmup=1, max_steps=max_steps):
+            rows.append(row)
+            print(format_table([row], "").splitlines()[-1], flush=True)
         fsdp_rows = phase_fsdp(fsdp_configs, device=device, peak=peak, memory_gib=memory_gib,
                                budget=Budget(start, total_s), warmup=1, max_steps=max_steps)
         rows += fsdp_rows
         for row in fsdp_rows:
             print(format_table([row], "").splitlines()[-1], flush=True)
         if not fsdp_rows:
-            rows.append(Row("2", "-", 0, "FSDP2 + act. ckpt", 0, 0, note="no preset fits by the planner"))
+            rows.append(Row("3", "-", 0, "FSDP2 + act. ckpt", 0, 0, note="no preset fits by the planner"))
     except KeyboardInterrupt:  # gpu_check.sh's hard timeout sends SIGINT: still print what was measured
         rows.append(Row("-", "-", 0, "-", 0, 0, note="interrupted (time limit)"))
     finally:
@@ -358,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     print()
     print(format_table(rows, f"gptforge GPU check, {time.perf_counter() - start:.0f} s total"))
-    failed = [r for r in rows if r.steps == 0 and "out of memory" not in r.note]
+    failed = [r for r in rows if r.steps == 0 and "out of memory" not in r.note and "skipped" not in r.note]
     return 1 if failed else 0
 
 

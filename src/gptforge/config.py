@@ -101,6 +101,12 @@ class TrainConfig:
     gradient scaler; `tf32` allows TF32 matmuls on CUDA. A step whose loss or gradient norm is not finite is
     skipped (no update); `max_nonfinite_steps` such steps in a row stop the run. With `spike_zscore > 0`, a step
     whose loss exceeds the mean of the last `spike_window` losses by that many standard deviations is skipped.
+
+    `checkpoint_format` is "consolidated" (full tensors gathered on rank 0), "sharded" (every rank writes its own
+    shards with torch.distributed.checkpoint; loadable at any world size) or "auto" (sharded under FSDP, else
+    consolidated); `async_checkpoint` writes sharded checkpoints in a background thread while training continues.
+    `tensor_parallel` splits attention heads and MLP columns over that many ranks (a 2-D mesh with FSDP over the
+    rest; see docs/scale.md).
     """
 
     max_steps: int = 1000
@@ -125,6 +131,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     spike_zscore: float = 0.0
     spike_window: int = 50
+    checkpoint_format: str = "auto"
+    async_checkpoint: bool = False
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -435,6 +444,14 @@ def validate(cfg: Config) -> None:
            f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
     _check(t.max_time_s >= 0 and t.peak_flops >= 0, "train.max_time_s and train.peak_flops must be >= 0")
     _check(t.data_parallel in ("ddp", "fsdp"), f"train.data_parallel must be ddp or fsdp, got {t.data_parallel!r}")
+    _check(t.checkpoint_format in ("auto", "consolidated", "sharded"),
+           f"train.checkpoint_format must be auto, consolidated or sharded, got {t.checkpoint_format!r}")
+    _check(t.tensor_parallel >= 1, f"train.tensor_parallel must be >= 1, got {t.tensor_parallel}")
+    _check(m.n_head % t.tensor_parallel == 0,
+           f"train.tensor_parallel={t.tensor_parallel} must divide model.n_head={m.n_head} (whole heads per rank)")
+    _check(t.tensor_parallel == 1 or m.dropout == 0,
+           f"train.tensor_parallel={t.tensor_parallel} needs model.dropout = 0 (got {m.dropout}): replicated "
+           "activations would draw different dropout masks on each rank")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _check(t.spike_zscore >= 0 and t.spike_window >= 2,
            "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")

@@ -50,7 +50,7 @@ GIB = 2**30
 USABLE_FRACTION = 0.9  # of GPU memory an estimate may use; the rest is CUDA context, fragmentation, temporaries
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES, BF16_BYTES = 4, 4, 8, 2  # per parameter
 STRATEGIES = ("ddp", "fsdp", "fsdp+ac")
-STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP", "fsdp+ac": "FSDP + act. ckpt"}
+STRATEGY_LABELS = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP", "fsdp+ac": "FSDP + act. ckpt"}
 
 
 def training_flops(cfg: ModelConfig, tokens: float) -> float:
@@ -139,11 +139,12 @@ class MemoryEstimate:
     optimizer_bytes: float
     activations_bytes: float
     working_bytes: float  # autocast weight copies (ddp) or gathered units and unsharded grads (fsdp)
+    runtime_bytes: float = 0.0  # the process itself (host memory only: Python, torch, gloo)
 
     @property
     def total_bytes(self) -> float:
         return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
-                + self.working_bytes)
+                + self.working_bytes + self.runtime_bytes)
 
     def fits(self, gpu_memory_gib: float) -> bool:
         """Whether the total is within `USABLE_FRACTION` of a GPU with `gpu_memory_gib` GiB."""
@@ -173,6 +174,55 @@ def memory_per_gpu(cfg: ModelConfig, *, micro_batch_size: int, world_size: int, 
                           ADAM_BYTES * n / world_size, acts, gathered + unsharded_grads)
 
 
+CPU_STRATEGIES = ("single", "ddp", "fsdp", "fsdp+ac")
+# Resident memory of a training process before any model exists: Python, torch, gptforge, the gloo process group.
+# Measured on this project's machine (torch 2.13 CPU, Linux; benchmarks/bench_memory.py "baseline RSS").
+CPU_RUNTIME_BYTES = 0.33 * GIB
+
+
+def memory_per_rank(cfg: ModelConfig, *, micro_batch_size: int, world_size: int, strategy: str,
+                    device: str = "cuda", flash: bool = True) -> MemoryEstimate:
+    """Per-rank training memory: `memory_per_gpu` for device "cuda", host memory (RSS) of a CPU rank for "cpu".
+
+    CPU ranks train in float32 throughout (no autocast; FSDP2's MixedPrecisionPolicy with fp32 params), so
+    every term counts 4-byte values, with `strategy` in CPU_STRATEGIES ("single": one process, no sharding):
+      weights 4 N, grads 4 N, AdamW 8 N                       (/ world_size under fsdp)
+      activations    twice the 16-bit figures of `activation_bytes` (the same tensors in fp32; SDPA's fused CPU
+                     kernel keeps a fp32 log-sum-exp, no s^2 tensor), plus the loss's fp32 logits and
+                     log-softmax (8 s b V) in place of the 16-bit output terms
+      working        fsdp: the unsharded root (embeddings, tied head; kept from forward to backward) and two
+                     all-gathered blocks (current, prefetched), one block's all-gather buffer, the root's and one
+                     block's unsharded gradients and the reduce-scatter input: 4 (2 root + 5 block); unsharded:
+                     the tied embedding's second gradient contribution before accumulation, 4 V D
+      runtime        CPU_RUNTIME_BYTES, the process before the model
+    Not modelled: allocator fragmentation (glibc returns large freed blocks to the system; measured within a few
+    percent, see docs/scale.md), communication buffers of gloo beyond those named.
+
+    Raises:
+        GptforgeError: unknown strategy or device.
+    """
+    if device == "cuda":
+        return memory_per_gpu(cfg, micro_batch_size=micro_batch_size, world_size=world_size, strategy=strategy,
+                              flash=flash)
+    if device != "cpu" or strategy not in CPU_STRATEGIES:
+        raise GptforgeError(f"unknown device/strategy '{device}'/'{strategy}' (allowed: cuda with "
+                            f"{', '.join(STRATEGIES)}; cpu with {', '.join(CPU_STRATEGIES)})")
+    n, sharded = count_parameters(cfg), strategy.startswith("fsdp")
+    ways = world_size if sharded else 1
+    s, b = cfg.context_length, micro_batch_size
+    acts = 2 * activation_bytes(cfg, micro_batch_size, checkpointing=strategy == "fsdp+ac", flash=flash)
+    acts += 8.0 * s * b * cfg.vocab_size - 2 * 10.0 * s * b * cfg.vocab_size  # fp32 loss terms, not 2 x 16-bit
+    # unsharded: the tied embedding's second gradient contribution (head, then embedding) is a full V x D
+    # temporary before it is accumulated
+    working = GRAD_BYTES * cfg.vocab_size * cfg.d_model
+    if sharded:
+        block = block_parameters(cfg)
+        root = n - (cfg.n_layer // cfg.shared_layer_group) * block
+        working = WEIGHT_BYTES * (2 * root + 5 * block)
+    return MemoryEstimate(strategy, WEIGHT_BYTES * n / ways, GRAD_BYTES * n / ways, ADAM_BYTES * n / ways, acts,
+                          working, CPU_RUNTIME_BYTES)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything `gptforge plan` prints. Units in the field names; FLOPs are totals over the run."""
@@ -189,6 +239,7 @@ class Plan:
     micro_batch_size: int
     gpu_memory_gib: float
     memory: tuple[MemoryEstimate, ...]
+    device: str = "cuda"  # "cpu": `memory` is host memory per CPU rank (memory_per_rank)
 
 
 def parse_number(flag: str, text: str, *, integer: bool = False) -> float:
@@ -211,13 +262,14 @@ def _check_positive(name: str, value: float, *, upper: float = math.inf) -> None
 
 
 def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, mfu: float,
-              micro_batch_size: int, gpu_memory_gib: float) -> Plan:
-    """Compute, time and memory of training `cfg` on `tokens` tokens with `gpus` GPUs.
+              micro_batch_size: int, gpu_memory_gib: float, device: str = "cuda") -> Plan:
+    """Compute, time and memory of training `cfg` on `tokens` tokens with `gpus` GPUs (or CPU ranks).
 
     Args:
         tokens: training tokens. peak_flops: per-GPU peak, FLOP/s, or 0 when unknown (no wall-clock estimate).
         mfu: model FLOPs utilisation in (0, 1].
         micro_batch_size: sequences per GPU per micro-step. gpu_memory_gib: memory of one GPU, GiB.
+        device: "cuda" (GPU memory, `memory_per_gpu`) or "cpu" (host memory of CPU ranks, `memory_per_rank`).
 
     Raises:
         GptforgeError: a non-positive or non-finite number, or mfu > 1.
@@ -230,12 +282,12 @@ def make_plan(cfg: ModelConfig, *, tokens: float, gpus: int, peak_flops: float, 
     _check_positive("--mfu", mfu, upper=1.0)
     n = count_parameters(cfg)
     total = training_flops(cfg, tokens)
-    memory = tuple(memory_per_gpu(cfg, micro_batch_size=micro_batch_size, world_size=gpus, strategy=s)
-                   for s in STRATEGIES)
+    memory = tuple(memory_per_rank(cfg, micro_batch_size=micro_batch_size, world_size=gpus, strategy=s,
+                                   device=device) for s in (CPU_STRATEGIES if device == "cpu" else STRATEGIES))
     return Plan(n_params=n, flops_per_token=flops_per_token(cfg), tokens=tokens, training_flops=total,
                 table_d1_flops=table_d1_flops(n, tokens), gpus=gpus, peak_flops=peak_flops, mfu=mfu,
                 wall_clock_s=wall_clock_s(total, gpus=gpus, peak_flops=peak_flops, mfu=mfu) if peak_flops else math.nan,
-                micro_batch_size=micro_batch_size, gpu_memory_gib=gpu_memory_gib, memory=memory)
+                micro_batch_size=micro_batch_size, gpu_memory_gib=gpu_memory_gib, memory=memory, device=device)
 
 
 def _count(n: float) -> str:
@@ -249,7 +301,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
     """The plan as the text `gptforge plan` prints (one table for memory, assumptions at the end)."""
     six_n = 6.0 * plan.n_params
     days = plan.wall_clock_s / 86400
-    gpus = f"{plan.gpus:,} GPU{'s' if plan.gpus > 1 else ''}"
+    cpu = plan.device == "cpu"
+    gpus = f"{plan.gpus:,} {'CPU rank' if cpu else 'GPU'}{'s' if plan.gpus > 1 else ''}"
     lines = [
         f"{name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length}, "
         f"vocab {cfg.vocab_size}, attention {cfg.attention_pattern}",
@@ -265,16 +318,21 @@ def format_plan(plan: Plan, cfg: ModelConfig, *, name: str, peak_source: str) ->
            f"wall clock        {days:,.1f} days ({plan.wall_clock_s / 3600:,.1f} hours)"] if plan.peak_flops else
           ["wall clock        unknown: give --gpu NAME or --peak-tflops X for days"]),
         "",
-        f"memory per GPU in GiB: micro-batch {plan.micro_batch_size} x {cfg.context_length} tokens, "
-        f"{gpus}; fits = total <= {USABLE_FRACTION:.0%} of {plan.gpu_memory_gib:g} GiB",
+        f"{'host memory per CPU rank (RSS)' if cpu else 'memory per GPU'} in GiB: micro-batch "
+        f"{plan.micro_batch_size} x {cfg.context_length} tokens, {gpus}; fits = total <= {USABLE_FRACTION:.0%} of "
+        f"{plan.gpu_memory_gib:g} GiB",
         f"{'strategy':<17}{'weights':>9}{'grads':>9}{'optimizer':>11}{'activations':>13}{'working':>9}"
-        f"{'total':>9}  fits",
+        f"{'runtime' if cpu else '':>9}{'total':>9}  fits",
     ]
     for m in plan.memory:
         lines.append(f"{STRATEGY_LABELS[m.strategy]:<17}{m.weights_bytes / GIB:>9.2f}{m.grads_bytes / GIB:>9.2f}"
                      f"{m.optimizer_bytes / GIB:>11.2f}{m.activations_bytes / GIB:>13.2f}"
-                     f"{m.working_bytes / GIB:>9.2f}{m.total_bytes / GIB:>9.2f}  "
-                     f"{'yes' if m.fits(plan.gpu_memory_gib) else 'no'}")
+                     f"{m.working_bytes / GIB:>9.2f}{f'{m.runtime_bytes / GIB:.2f}' if cpu else '':>9}"
+                     f"{m.total_bytes / GIB:>9.2f}  {'yes' if m.fits(plan.gpu_memory_gib) else 'no'}")
+    if cpu:
+        return "\n".join(lines + ["", "assumptions: float32 throughout on CPU ranks (16 bytes/parameter of state), "
+                                  "fp32 activations, FSDP2 working", "  memory and the process's own "
+                                  "runtime; see memory_per_rank in gptforge/plan.py and docs/scale.md."])
     lines += [
         "",
         "assumptions: fp32 weights and gradients, AdamW moments in fp32 (16 bytes/parameter); DDP: bf16 autocast,",

@@ -38,7 +38,8 @@ def test_gradient_accumulation_run_and_checkpoint_contents(char_data, tmp_path):
                                                        "optimizer.pt", "state.json", "trainer.pt"]
     assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step_00000006"]  # keep 1
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 6 and state["tokens_seen"] == 1152 and state["schema_version"] == 1
+    assert state["step"] == 6 and state["tokens_seen"] == 1152 and state["schema_version"] == 2
+    assert state["format"] == "consolidated"  # one process: the default format
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert len(opt["param_groups"]) == 2
 

@@ -1,17 +1,27 @@
 """Checkpoint directories: write atomically, find the latest, load without executing pickled code.
 
-Layout of RUN_DIR/checkpoints/step_NNNNNNNN/:
+Two formats. A consolidated checkpoint (written by one process; the default without FSDP) holds full tensors;
+a sharded one (`checkpoint/sharded.py`; the default under FSDP) holds every rank's shards, written in parallel.
+Every reader here (`find_checkpoint`, `load_checkpoint`, `load_model_weights`) takes either.
+
+Layout of a consolidated RUN_DIR/checkpoints/step_NNNNNNNN/:
     model.safetensors   weights (the tied output head is stored once, as wte.weight)
     config.json         the resolved Config (all sections)
     tokenizer.json | char_tokenizer.json
     optimizer.pt        AdamW state keyed by parameter name (loadable at any world size; weights_only=True)
     trainer.pt          data-sampler and RNG states of every rank (Python, NumPy, torch CPU/CUDA; weights_only)
-    state.json          schema_version, step, tokens_seen, val_loss, and the sha256 of every other file
+    state.json          schema_version, format, step, tokens_seen, val_loss, and the sha256 of every other file
 RUN_DIR/latest names the newest complete checkpoint, RUN_DIR/best the one with the lowest val loss. A checkpoint
 is written to a hidden temporary directory and renamed into place, so a crash never leaves a partial
 checkpoint under a final name; the sha256 manifest catches a file truncated or damaged later. Nothing here
 unpickles arbitrary objects: weights go through safetensors, the rest through JSON or
 `torch.load(weights_only=True)`, which refuses pickled code.
+
+Schema versions (state.json "schema_version"; migration is explicit, one rule per version):
+    1  consolidated layout above, no "format" field. Read as format "consolidated"; nothing else changes.
+    2  adds "format" ("consolidated" | "sharded"); sharded checkpoints add "world_size" and list nested files
+       (model/__0_0.distcp, trainer/rank_00000.pt, ...) in the manifest by relative path.
+A gptforge that reads schema N reads every older schema; a newer schema is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -25,14 +35,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gptforge.config import Config, config_from_dict
 from gptforge.errors import GptforgeError
 from gptforge.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_text, sha256_file
 from gptforge.utils.logging import print0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TIED_KEYS = ("lm_head.weight",)
 
 
@@ -79,11 +89,11 @@ def save_checkpoint(run_dir: Path, *, step: int, cfg: Config, tokenizer, model: 
     if extra is not None:
         extra(tmp)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "step": step, **(state or {}),
-                                           "files": files})
+    atomic_write_json(tmp / "state.json", {"schema_version": SCHEMA_VERSION, "format": "consolidated", "step": step,
+                                           **(state or {}), "files": files})
     atomic_replace_dir(tmp, final)
     atomic_write_text(Path(run_dir) / "latest", final.name + "\n")
-    _prune(Path(run_dir), keep)
+    prune_checkpoints(Path(run_dir), keep)
     return final
 
 
@@ -95,7 +105,7 @@ def _val_loss(ckpt: Path) -> float:
     return value if isinstance(value, (int, float)) and value == value else float("inf")
 
 
-def _prune(run_dir: Path, keep: int) -> None:
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints and the best one by val loss (RUN_DIR/best names it)."""
     found = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
     if not found:
@@ -138,12 +148,19 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                              options=StateDictOptions(full_state_dict=True))
 
 
-INFERENCE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "char_tokenizer.json")
+# What inference needs: weights (either format; a name ending in "/" covers a directory), config and tokenizer.
+INFERENCE_FILES = ("model.safetensors", "model/", "config.json", "tokenizer.json", "char_tokenizer.json")
 
 
-def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Check a checkpoint's manifest: every file (or those named in `only`) present with the recorded sha256.
-    Returns state.json.
+def _selected(name: str, only: tuple[str, ...] | None) -> bool:
+    return only is None or any(name == o or (o.endswith("/") and name.startswith(o)) for o in only)
+
+
+def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None, *, part: tuple[int, int] = (0, 1)
+                      ) -> dict[str, Any]:
+    """Check a checkpoint's manifest: every file (or those selected by `only`: names, or directory prefixes
+    ending in "/") present with the recorded sha256. With `part=(i, n)` only every n-th of those files from
+    the i-th on (ranks verify a large checkpoint in parallel). Returns state.json.
 
     Raises:
         GptforgeError: naming the missing, truncated or corrupt file.
@@ -152,27 +169,55 @@ def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> dict[s
     if state.get("schema_version", 0) > SCHEMA_VERSION:
         raise GptforgeError(f"{ckpt} has checkpoint schema {state['schema_version']}; this gptforge reads up to "
                             f"{SCHEMA_VERSION} (upgrade gptforge)")
-    for name, digest in state.get("files", {}).items():
-        if only is not None and name not in only:
-            continue
+    names = [name for name in sorted(state.get("files", {})) if _selected(name, only)]
+    for name in names[part[0]::part[1]]:
         path = ckpt / name
         if not path.is_file():
             raise GptforgeError(f"checkpoint file missing: {path}")
-        if sha256_file(path) != digest:
+        if sha256_file(path) != state["files"][name]:
             raise GptforgeError(f"checkpoint file is corrupt or truncated (sha256 mismatch): {path}")
     return state
 
 
-def find_resume_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> Path:
+def checkpoint_format(ckpt: Path) -> str:
+    """"sharded" or "consolidated" (schema 1 checkpoints, which predate the field, are consolidated)."""
+    if (ckpt / "state.json").is_file():
+        return read_json(ckpt / "state.json").get("format", "consolidated")
+    return "sharded" if (ckpt / "model" / ".metadata").is_file() else "consolidated"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` holds a checkpoint's weights, in either format."""
+    return (path / "model.safetensors").is_file() or (path / "model" / ".metadata").is_file()
+
+
+def _verify_everywhere(ckpt: Path, only: tuple[str, ...] | None, info) -> str | None:
+    """Verify `ckpt`, the files shared out over the ranks of `info` (a collective); the first error, or None,
+    the same on every rank."""
+    from gptforge.distributed.env import all_gather_object
+
+    try:
+        verify_checkpoint(ckpt, only, part=(info.rank, info.world_size) if info is not None else (0, 1))
+        error = None
+    except GptforgeError as exc:
+        error = str(exc)
+    errors = [e for e in (all_gather_object(error, info) if info is not None else [error]) if e]
+    return errors[0] if errors else None
+
+
+def find_resume_checkpoint(path: str | Path, only: tuple[str, ...] | None = None, info=None) -> Path:
     """The checkpoint to resume from: `path` itself if it is a checkpoint (verified; an error if damaged), else
-    the newest checkpoint of the run directory that verifies, falling back past damaged ones with a warning.
+    the newest checkpoint of the run directory that verifies, falling back past damaged ones with a one-line
+    warning. With `info` (a `DistInfo`; call on every rank) the ranks share the hashing and agree on the answer.
 
     Raises:
         GptforgeError: no checkpoint, or no intact one.
     """
     path = Path(path)
-    if (path / "state.json").is_file() or (path / "model.safetensors").is_file():
-        verify_checkpoint(path, only)
+    if (path / "state.json").is_file() or is_checkpoint_dir(path):
+        error = _verify_everywhere(path, only, info)
+        if error:
+            raise GptforgeError(error)
         return path
     found = sorted((p for p in (path / "checkpoints").glob("step_*") if p.is_dir()), reverse=True)
     if not found:
@@ -185,11 +230,10 @@ def find_resume_checkpoint(path: str | Path, only: tuple[str, ...] | None = None
     elif latest is not None:
         print0(f"warning: {path}/latest names {latest.name}, which does not exist; using {found[0].name}")
     for ckpt in found:
-        try:
-            verify_checkpoint(ckpt, only)
+        error = _verify_everywhere(ckpt, only, info)
+        if error is None:
             return ckpt
-        except GptforgeError as exc:
-            print0(f"warning: skipping damaged checkpoint: {exc}")
+        print0(f"warning: skipping damaged checkpoint: {error}")
     raise GptforgeError(f"every checkpoint in {path}/checkpoints is damaged")
 
 
@@ -225,7 +269,8 @@ def load_torch_file(path: Path) -> Any:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """Resolve a run directory (its `latest` checkpoint) or a checkpoint directory to a checkpoint directory.
+    """Resolve a run directory (its `latest` checkpoint) or a checkpoint directory (either format) to a
+    checkpoint directory.
 
     Raises:
         GptforgeError: the path does not exist or holds no checkpoint.
@@ -233,14 +278,14 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise GptforgeError(f"run or checkpoint directory not found: {path}")
-    if (path / "model.safetensors").is_file():
+    if is_checkpoint_dir(path):
         return path
     latest = path / "latest"
     if latest.is_file():
         candidate = path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
-        if (candidate / "model.safetensors").is_file():
+        if is_checkpoint_dir(candidate):
             return candidate
-    found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "model.safetensors").is_file())
+    found = sorted(p for p in (path / "checkpoints").glob("step_*") if is_checkpoint_dir(p))
     if not found:
         raise GptforgeError(f"no checkpoint in {path} (expected {path}/checkpoints/step_*/model.safetensors)")
     return found[-1]
@@ -257,31 +302,63 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, path: Path, *, missing_ok: tuple[str, ...] = ()) -> None:
-    """Load model.safetensors into `model` (strict apart from the tied head and parameters whose names start
-    with one of `missing_ok`, which keep their current values).
+    """Load model.safetensors into `model`, plain or sharded (FSDP2 DTensors): each rank reads only the rows of
+    each tensor that its shard holds, so no rank ever holds the whole file. Strict apart from the tied head and
+    parameters whose names start with one of `missing_ok`, which keep their current values.
 
     Raises:
-        GptforgeError: the file is truncated/corrupt or does not match the model's shapes.
+        GptforgeError: the file is truncated/corrupt or does not match the model's names or shapes.
     """
+    from safetensors import safe_open
+
+    from gptforge.distributed.materialize import assign_rows, clean_named_parameters
+
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            saved = set(f.keys())
+            params = dict(clean_named_parameters(model))
+            missing = [k for k in params if k not in saved and not k.startswith(missing_ok)]
+            unexpected = [k for k in saved if k not in params and k not in TIED_KEYS]
+            if missing or unexpected:
+                raise GptforgeError(f"weights in {path} do not fit the model: missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}")
+            for name, p in params.items():
+                if name not in saved:
+                    continue
+                piece = f.get_slice(name)
+                if tuple(piece.get_shape()) != tuple(p.shape):
+                    raise GptforgeError(f"weights in {path} do not fit the model: {name} has shape "
+                                        f"{tuple(piece.get_shape())}, the model {tuple(p.shape)}")
+                assign_rows(p, (lambda a, b, t=piece: t[a:b]) if p.dim() else (lambda a, b, n=name: f.get_tensor(n)))
     except (SafetensorError, OSError) as exc:
         raise GptforgeError(f"corrupt weights file {path}: {exc}") from None
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        raise GptforgeError(f"weights in {path} do not fit the model: {str(exc).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k not in TIED_KEYS and not k.startswith(missing_ok)]
-    if missing or unexpected:
-        raise GptforgeError(f"weights in {path} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path, *, missing_ok: tuple[str, ...] = (),
+                       no_dist: bool = False) -> None:
+    """Load the weights of checkpoint directory `ckpt` (either format) into `model` (plain or sharded; under a
+    process group, a sharded checkpoint is a collective unless `no_dist`).
+
+    Raises:
+        GptforgeError: the weights are damaged or do not fit the model.
+    """
+    if checkpoint_format(ckpt) == "sharded":
+        from gptforge.checkpoint.sharded import load_model
+
+        load_model(model, ckpt, missing_ok=missing_ok, no_dist=no_dist)
+    else:
+        load_weights(model, ckpt / "model.safetensors", missing_ok=missing_ok)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint for inference or fine-tuning.
+    """Load a checkpoint (either format; a sharded one is consolidated on the fly) for inference or fine-tuning.
 
     Returns:
         (model, cfg, tokenizer, state): a GPT in eval mode on `device` (float32), the Config, the tokenizer,
         and the state.json dict.
+
+    Raises:
+        GptforgeError: no checkpoint, or every checkpoint's weights, config or tokenizer damaged.
     """
     from gptforge.model.gpt import GPT
     from gptforge.tokenizer import load_tokenizer
@@ -292,6 +369,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     cfg: Config = config_from_dict(read_json(ckpt / "config.json"))
     state = read_json(ckpt / "state.json")
     tokenizer = load_tokenizer(ckpt)
-    model = GPT(cfg.model)
-    load_weights(model, ckpt / "model.safetensors")
-    return model.to(device).eval(), cfg, tokenizer, state
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    load_model_weights(model, ckpt, no_dist=True)
+    return model.float().eval(), cfg, tokenizer, state

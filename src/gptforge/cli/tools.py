@@ -32,9 +32,11 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     t = cfg.train
     tokens = (parse_number("--tokens", args.tokens) if args.tokens is not None else
               t.max_steps * (t.global_batch_tokens or t.micro_batch_size * cfg.model.context_length))
+    if args.device not in ("cuda", "cpu"):
+        raise GptforgeError(f"--device must be cuda or cpu, got {args.device!r}")
     plan = make_plan(cfg.model, tokens=tokens, gpus=parse_number("--gpus", args.gpus, integer=True), peak_flops=peak,
                      mfu=parse_number("--mfu", args.mfu), micro_batch_size=t.micro_batch_size,
-                     gpu_memory_gib=memory)
+                     gpu_memory_gib=memory, device=args.device)
     print(format_plan(plan, cfg.model, name=args.preset or args.config, peak_source=source))
     return 0
 
@@ -83,6 +85,8 @@ def register(sub) -> None:
     p.add_argument("--tokens", help="training tokens, e.g. 300e9 (default: max_steps x global batch tokens)")
     p.add_argument("--gpu-memory-gb", "--gpu_memory_gb", dest="gpu_memory_gb",
                    help="memory per GPU in GiB (default: the --gpu's, else 80)")
+    p.add_argument("--device", default="cuda", help="cuda: GPU memory per GPU (default); cpu: host memory (RSS) "
+                   "per CPU rank, with --gpus as the number of ranks and --gpu-memory-gb as each rank's memory")
     p.set_defaults(handler=cmd_plan, overrides=True)
 
     p = sub.add_parser("plot", help=cmd_plot.__doc__, description=cmd_plot.__doc__)

@@ -15,13 +15,26 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: `rank` of `world_size`, `local_rank` on its node, and its `device`."""
+    """Where this process sits: `rank` of `world_size`, `local_rank` on its node, and its `device`.
+
+    With tensor parallelism over `tensor_parallel` ranks, consecutive groups of that many ranks hold one model
+    replica and see the same data: rank r is data-parallel rank `dp_rank` = r // tensor_parallel of `dp_size`.
+    """
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     initialised_here: bool = False
+    tensor_parallel: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tensor_parallel
 
     @property
     def is_main_process(self) -> bool:

@@ -51,5 +51,5 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, D); D/n under tensor parallelism (its heads)
         return linear(y, self.proj)

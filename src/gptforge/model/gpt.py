@@ -9,6 +9,7 @@ This module knows nothing about optimizers, checkpoints, sampling or parallelism
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -22,7 +23,7 @@ from gptforge.model.kv_cache import KVCache
 from gptforge.model.linear import linear
 from gptforge.model.loss import IGNORE_INDEX, loss_sum
 
-__all__ = ["GPT", "IGNORE_INDEX", "count_parameters", "flops_per_token"]
+__all__ = ["GPT", "IGNORE_INDEX", "count_parameters", "flops_per_token", "init_rows"]
 
 
 class MLP(nn.Module):
@@ -70,22 +71,42 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer // cfg.shared_layer_group))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied output head
+        self.tie_weights()
         self.windows = [cfg.local_window if kind == "local" else None for kind in cfg.layer_attention()]
         self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Make the output head use the token embedding's matrix (again: moving a model off the meta device with
+        `to_empty` gives each module its own new parameter)."""
+        self.lm_head.weight = self.wte.weight
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """GPT-2 initialisation; residual output projections get std 0.02 / sqrt(2 * n_layer)."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 initialisation (Radford et al. 2019): normal(0, 0.02), residual output projections std
+        0.02 / sqrt(2 * n_layer), zero biases, unit LayerNorm gains (`init_std`).
+
+        A parameter's values depend only on `seed` and its name (`init_rows`), never on the order parameters are
+        visited in, the device count or how a parameter is split into shards: a sharded copy filled row range by
+        row range holds exactly these values. `seed` None draws one from torch's global CPU generator (so
+        `torch.manual_seed(s); GPT(cfg)` is reproducible). Parameters on the meta device are left alone.
+        """
+        if self.wte.weight.is_meta:
+            return
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            elif name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+            p.copy_(init_rows(self.init_std(name), tuple(p.shape), seed=seed, name=name))
+
+    def init_std(self, name: str) -> float | None:
+        """The GPT-2 initialisation of parameter `name` (as named by `named_parameters`): the std of a zero-mean
+        normal, 0.0 for zeros (biases), or None for ones (LayerNorm gains)."""
+        if name.endswith("bias"):
+            return 0.0
+        if ".ln_" in name or name.startswith("ln_f"):
+            return None
+        if name.endswith("proj.weight"):
+            return 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        return 0.02
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (the tied head and shared layers counted once)."""
@@ -143,6 +164,43 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return logits, loss_sum(logits, targets) / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+INIT_BLOCK_ELEMENTS = 1 << 20  # about this many values per independently seeded block of rows (init_rows)
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def init_rows(std: float | None, shape: tuple[int, ...], *, seed: int, name: str, start: int = 0,
+              stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) (along dim 0) of a parameter's initial value, float32 on CPU.
+
+    Args:
+        std: a zero-mean normal's std; 0.0 means zeros and None ones (`GPT.init_std`).
+        shape: the whole parameter's shape; a 0-dim parameter counts as one row.
+        seed / name: the run's seed and the parameter's name, which alone fix the values.
+
+    The rows are cut into blocks of about INIT_BLOCK_ELEMENTS values, each drawn from its own generator seeded by
+    (seed, name, block index); a caller that needs rows [start, stop) of a large matrix (one shard) draws only the
+    blocks overlapping them, yet gets the same values as a caller drawing the whole matrix.
+    """
+    rows, tail = (shape[0], shape[1:]) if shape else (1, ())
+    stop = rows if stop is None else stop
+    out = torch.empty((stop - start, *tail), dtype=torch.float32, device="cpu")
+    if std is None or std == 0.0:
+        return out.fill_(1.0 if std is None else 0.0).reshape(out.shape if shape else ())
+    per_row = math.prod(tail)
+    block_rows = max(1, INIT_BLOCK_ELEMENTS // max(per_row, 1))
+    for block in range(start // block_rows, -(-stop // block_rows)):
+        lo, hi = block * block_rows, min((block + 1) * block_rows, rows)
+        gen = torch.Generator(device="cpu").manual_seed(_block_seed(seed, name, block))
+        values = torch.empty((hi - lo, *tail), dtype=torch.float32, device="cpu").normal_(0.0, std, generator=gen)
+        a, z = max(lo, start), min(hi, stop)
+        out[a - start:z - start] = values[a - lo:z - lo]
+    return out if shape else out.reshape(())
 
 
 def count_parameters(cfg: ModelConfig) -> int:

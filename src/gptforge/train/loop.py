@@ -23,20 +23,23 @@ import torch
 
 from gptforge.checkpoint.io import (
     abandon_later_checkpoints,
+    checkpoint_format,
     find_checkpoint,
     find_resume_checkpoint,
     full_model_state,
     full_optimizer_state,
+    load_model_weights,
     load_optimizer_state,
     load_torch_file,
-    load_weights,
     read_json,
     save_checkpoint,
 )
+from gptforge.checkpoint.sharded import PendingSave, load_optimizer, load_trainer_state, save_sharded
 from gptforge.config import Config, advisories, config_from_dict, save_config
 from gptforge.data.batches import BatchSource, ValSet
 from gptforge.distributed.env import DistInfo, all_gather_object, barrier, init_distributed, teardown
-from gptforge.distributed.parallelize import parallelize
+from gptforge.distributed.materialize import materialize, snapshot_added
+from gptforge.distributed.parallelize import shard_model, wrap_model
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
 from gptforge.train.objectives import LanguageModeling, Objective
@@ -59,8 +62,11 @@ class Task:
         train: this rank's endless stream of micro-batches; its state is checkpointed.
         val_sets: named validation sets (see `data.batches.ValSet`); empty means no validation.
         objective: the loss terms.
-        setup_model: called on the model after initial weights are loaded and before resumed weights are
-            (e.g. add LoRA adapters, freeze the base); None: train every parameter.
+        setup_model: called on the freshly built model while it is still on the meta device (no weights yet),
+            before sharding (e.g. freeze the base, add LoRA adapters); None: train every parameter. It may set
+            `requires_grad` and add modules (their parameters are initialised by the module's
+            `reset_parameters()` and may be absent from `init_from` weights); it must not read weights or rename
+            existing parameters. `init_from` and resumed weights are loaded after it.
         init_missing_ok: name prefixes of parameters allowed to be absent from `train.init_from` weights (a new
             classification head, say); they keep their fresh initialisation.
         fixed_shape: every micro-batch holds exactly B x T real tokens (pretraining windows), which the batch-size
@@ -115,6 +121,8 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     targets_seen: int = 0
+    checkpoint_group: object = None  # gloo group for background checkpoint writes (train.async_checkpoint)
+    pending_save: PendingSave | None = None  # a sharded checkpoint still being written in the background
 
 
 def train(cfg: Config, make_task: TaskFactory, run_dir: str | Path, *, progress: bool = True,
@@ -132,7 +140,13 @@ def train(cfg: Config, make_task: TaskFactory, run_dir: str | Path, *, progress:
     run = None
     try:
         run = _build(cfg, make_task, Path(run_dir), info, resume)
-        return run_steps(run, progress, save=_save)
+        try:
+            result = run_steps(run, progress, save=_save)
+        except KeyboardInterrupt:  # the interrupt checkpoint may still be in flight
+            _finish_save(run)
+            raise
+        _finish_save(run)
+        return result
     finally:
         if run is not None and run.metrics is not None:
             run.metrics.close()
@@ -151,19 +165,42 @@ def _resume_model_config(cfg: Config, ckpt: Path):
     return saved
 
 
-def _build_model(cfg: Config, task: Task, ckpt: Path | None) -> GPT:
-    """Fresh GPT-2 initialisation, then `init_from` weights, the task's adaptation, then resumed weights."""
-    model = GPT(cfg.model)
-    if cfg.train.init_from and not ckpt:
-        source = find_checkpoint(cfg.train.init_from)
-        load_weights(model, source / "model.safetensors", missing_ok=task.init_missing_ok)
-        print0(f"initialised from {source}")
-    if task.setup_model is not None:
-        task.setup_model(model)
+def _build_model(cfg: Config, task: Task, ckpt: Path | None, info: DistInfo) -> tuple[GPT, torch.nn.Module]:
+    """Build on the meta device, apply the task's hook, shard, then materialise this rank's part on its device
+    and fill it: resumed weights, or the seeded GPT-2 initialisation (the same at any world size) followed by
+    `init_from` weights, each read straight into the shards. Returns (model, module to call in steps)."""
+    t = cfg.train
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+        before = {name for name, _ in model.named_parameters()}
+        if task.setup_model is not None:
+            task.setup_model(model)
+    added = snapshot_added(model, before)
+    shard_model(model, info, data_parallel=t.data_parallel, activation_checkpointing=t.activation_checkpointing,
+                param_dtype=compute_dtype(info.device, t.dtype))
+    materialize(model, info.device, seed=None if ckpt else t.seed, added=added)
     if ckpt:
-        load_weights(model, ckpt / "model.safetensors")
+        load_model_weights(model, ckpt)
         print0(f"resuming from {ckpt}")
-    return model
+    elif t.init_from:
+        source = find_checkpoint(t.init_from)
+        new = tuple(f"{owner}.{name}" for owner, (_, names) in added.items() for name in names)
+        load_model_weights(model, source, missing_ok=task.init_missing_ok + new)
+        print0(f"initialised from {source}")
+    return model, wrap_model(model, info, data_parallel=t.data_parallel, compile=t.compile)
+
+
+def _with_tensor_parallel(info: DistInfo, tensor_parallel: int, data_parallel: str) -> DistInfo:
+    """`info` with train.tensor_parallel set, checked against the world size and data_parallel."""
+    if tensor_parallel == 1:
+        return info
+    if info.world_size % tensor_parallel:
+        raise GptforgeError(f"train.tensor_parallel={tensor_parallel} must divide the number of ranks "
+                            f"({info.world_size}; launch with torchrun --nproc_per_node N)")
+    if info.world_size > tensor_parallel and data_parallel != "fsdp":
+        raise GptforgeError("train.tensor_parallel with more ranks than tensor-parallel ones needs "
+                            "train.data_parallel=fsdp (FSDP2 over the data-parallel dimension)")
+    return dataclasses.replace(info, tensor_parallel=tensor_parallel)
 
 
 def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, resume: str | None) -> Run:
@@ -177,19 +214,26 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
     if not resume and any((run_dir / "checkpoints").glob("step_*")):
         raise GptforgeError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
                             "a new --out (nothing was changed)")
-    ckpt = find_resume_checkpoint(run_dir if resume == "latest" else resume) if resume else None
+    info = _with_tensor_parallel(info, t.tensor_parallel, t.data_parallel)
+    ckpt = find_resume_checkpoint(run_dir if resume == "latest" else resume, info=info) if resume else None
     if ckpt:
         cfg.model = _resume_model_config(cfg, ckpt)
-    task = make_task(cfg, info, ckpt)
+    # the task shards data over data-parallel ranks: tensor-parallel ranks of one replica read the same rows
+    task = make_task(cfg, dataclasses.replace(info, rank=info.dp_rank, world_size=info.dp_size, tensor_parallel=1),
+                     ckpt)
     for note in advisories(cfg):
         print0(f"warning: {note}")
-    model = _build_model(cfg, task, ckpt).to(info.device)
-    train_model = parallelize(model, info, data_parallel=t.data_parallel, compile=t.compile,
-                              activation_checkpointing=t.activation_checkpointing,
-                              param_dtype=compute_dtype(info.device, t.dtype))
+    model, train_model = _build_model(cfg, task, ckpt, info)
     run = Run(cfg=cfg, info=info, run_dir=run_dir, task=task, model=model, train_model=train_model,
               optimizer=build_optimizer(model, cfg.optim, info.device.type),
               scaler=torch.amp.GradScaler(info.device.type) if t.dtype == "float16" else None)
+    if t.async_checkpoint and _format(cfg, info) != "sharded":
+        print0("warning: train.async_checkpoint has no effect on consolidated checkpoints (set "
+               "train.checkpoint_format=sharded to write in the background)")
+    elif t.async_checkpoint and info.distributed:
+        import torch.distributed as dist
+
+        run.checkpoint_group = dist.new_group(backend="gloo")  # background writes must not share training's group
     if ckpt:
         _restore(run, ckpt)
     if info.is_main_process:
@@ -202,14 +246,21 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
 
 
 def _restore(run: Run, ckpt: Path) -> None:
-    """Optimizer, scaler, batch source, RNG states and counters from `ckpt`; metrics.jsonl cut back to its step."""
-    load_optimizer_state(run.model, run.optimizer, load_torch_file(ckpt / "optimizer.pt"))
-    trainer = load_torch_file(ckpt / "trainer.pt")
-    if len(trainer["rng"]) != run.info.world_size:
-        print0(f"note: checkpoint was written by {len(trainer['rng'])} ranks, now {run.info.world_size}; "
+    """Optimizer, scaler, batch source, RNG states and counters from `ckpt` (either format, written at any world
+    size); metrics.jsonl cut back to its step."""
+    if checkpoint_format(ckpt) == "sharded":
+        load_optimizer(run.model, run.optimizer, ckpt, run.info)
+        trainer, saved_world = load_trainer_state(ckpt, run.info)
+        rng = trainer["rng"]
+    else:
+        load_optimizer_state(run.model, run.optimizer, load_torch_file(ckpt / "optimizer.pt"))
+        trainer = load_torch_file(ckpt / "trainer.pt")
+        saved_world, rng = len(trainer["rng"]), trainer["rng"][min(run.info.rank, len(trainer["rng"]) - 1)]
+    if saved_world != run.info.world_size:
+        print0(f"note: checkpoint was written by {saved_world} ranks, now {run.info.world_size}; "
                "the data order continues exactly, per-rank RNG streams restart from rank 0's")
     run.task.train.load_state_dict(trainer["sampler"])
-    restore_rng(trainer["rng"][min(run.info.rank, len(trainer["rng"]) - 1)])
+    restore_rng(rng)
     if run.scaler is not None and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
     state = read_json(ckpt / "state.json")
@@ -232,17 +283,44 @@ def _step_of(line: str) -> int:
         return 0
 
 
+def _format(cfg: Config, info: DistInfo) -> str:
+    """train.checkpoint_format resolved: "auto" is sharded under FSDP or tensor parallelism, else consolidated."""
+    chosen = cfg.train.checkpoint_format
+    if chosen == "auto":
+        sharded = info.distributed and (cfg.train.data_parallel == "fsdp" or info.tensor_parallel > 1)
+        return "sharded" if sharded else "consolidated"
+    return chosen
+
+
 def _save(run: Run, step: int, val_loss: float) -> None:
-    """Write a consolidated checkpoint from rank 0 (state gathering is collective under FSDP)."""
+    """Write checkpoint `step` (a collective): sharded (every rank its own part, perhaps in the background) or
+    consolidated (gathered on rank 0), per `train.checkpoint_format`."""
+    state = {"tokens_seen": run.tokens_seen, "targets_seen": run.targets_seen,
+             "val_loss": None if math.isnan(val_loss) else val_loss}
+    scaler = run.scaler.state_dict() if run.scaler is not None else {}
+    if _format(run.cfg, run.info) == "sharded":
+        _finish_save(run)
+        trainer_state = {"sampler": run.task.train.state_dict(), "rng": capture_rng(), "scaler": scaler}
+        run.pending_save = save_sharded(
+            run.run_dir, step=step, model=run.model, optimizer=run.optimizer, cfg=run.cfg, tokenizer=run.task.tokenizer,
+            trainer_state=trainer_state, state=state, info=run.info, keep=run.cfg.train.keep_checkpoints,
+            extra=run.task.save_extra, background=run.cfg.train.async_checkpoint, process_group=run.checkpoint_group)
+        if not run.cfg.train.async_checkpoint:
+            _finish_save(run)
+        return
     model_state = full_model_state(run.model)
     optimizer_state = full_optimizer_state(run.model, run.optimizer)
     rng = all_gather_object(capture_rng(), run.info)
     if run.info.is_main_process:
-        trainer_state = {"sampler": run.task.train.state_dict(), "rng": rng,
-                         "scaler": run.scaler.state_dict() if run.scaler is not None else {}}
+        trainer_state = {"sampler": run.task.train.state_dict(), "rng": rng, "scaler": scaler}
         save_checkpoint(run.run_dir, step=step, model_state=model_state, cfg=run.cfg, tokenizer=run.task.tokenizer,
                         optimizer_state=optimizer_state, trainer_state=trainer_state, extra=run.task.save_extra,
-                        state={"tokens_seen": run.tokens_seen, "targets_seen": run.targets_seen,
-                               "val_loss": None if math.isnan(val_loss) else val_loss},
-                        keep=run.cfg.train.keep_checkpoints)
+                        state=state, keep=run.cfg.train.keep_checkpoints)
     barrier(run.info)
+
+
+def _finish_save(run: Run) -> None:
+    """Commit a sharded checkpoint still being written, if any (a collective: waits for every rank's writes)."""
+    if run.pending_save is not None:
+        pending, run.pending_save = run.pending_save, None
+        pending.finish(run.info)

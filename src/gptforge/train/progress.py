@@ -64,7 +64,8 @@ def _announce(run: Run, full_accum: int, micro_seqs: int, fpt: float) -> PeakFlo
     batch = (f"{full_accum * micro_seqs * run.cfg.model.context_length} tokens" if run.task.fixed_shape
              else f"{full_accum * micro_seqs} sequences")
     print0(f"{run.task.name}: {params}, {fpt / 1e6:.1f} MFLOPs/token; device {info.device} x {info.world_size}; "
-           f"batch {batch} ({full_accum} x {t.micro_batch_size} x {info.world_size} ranks); "
+           f"batch {batch} ({full_accum} x {t.micro_batch_size} x {info.dp_size} ranks"
+           f"{f', each {info.tensor_parallel} tensor-parallel' if info.tensor_parallel > 1 else ''}); "
            f"peak {peak.flops / 1e9:.1f} GFLOP/s ({peak.source})")
     return peak
 
@@ -97,9 +98,9 @@ def run_steps(run: Run, progress: bool, *, save: Callable[[Run, int, float], Non
     from gptforge.train.loop import TrainResult
 
     cfg, t, info = run.cfg, run.cfg.train, run.info
-    full_accum = cfg.grad_accum_steps(info.world_size)
+    full_accum = cfg.grad_accum_steps(info.dp_size)  # tensor-parallel ranks share their micro-batches
     fpt = flops_per_token(cfg.model)
-    meter = Throughput(fpt, _announce(run, full_accum, t.micro_batch_size * info.world_size, fpt), info.world_size)
+    meter = Throughput(fpt, _announce(run, full_accum, t.micro_batch_size * info.dp_size, fpt), info.world_size)
     fsdp_mixed = info.distributed and t.data_parallel == "fsdp"
     autocast = lambda: autocast_context(info.device, t.dtype, fsdp_mixed=fsdp_mixed)  # noqa: E731
     # The bar only on a terminal: in a piped log it would interleave with the step lines.
@@ -122,7 +123,7 @@ def _steps(run: Run, bar, log, meter: Throughput, autocast, interrupt: Interrupt
     spike = SpikeFilter(t.spike_zscore, t.spike_window)
     step, val, skipped_total, bad_streak = run.start_step, {}, 0, 0
     while step < t.max_steps:
-        stats, lr = _optimizer_step(run, step, full_accum=full_accum, micro_seqs=t.micro_batch_size * info.world_size,
+        stats, lr = _optimizer_step(run, step, full_accum=full_accum, micro_seqs=t.micro_batch_size * info.dp_size,
                                     autocast=autocast, spike=spike)
         step += 1
         run.tokens_seen += stats.tokens

@@ -68,7 +68,10 @@ def _step_counts(objective: Objective, batches: list[Batch], device: torch.devic
     local = [sum(objective.counts(b)[k] for b in batches) for k in names]
     local += [sum(b.n_tokens for b in batches), sum(b.n_targets for b in batches)]
     total = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device), dist_info).tolist()
-    return dict(zip(names, total[:-2])), int(total[-2]), int(total[-1])
+    # tensor-parallel ranks hold the same rows: count each row once (the unit counts keep the replicas, which
+    # cancels against the loss scale W below)
+    replicas = dist_info.tensor_parallel
+    return dict(zip(names, total[:-2])), int(total[-2]) // replicas, int(total[-1]) // replicas
 
 
 def compute_gradients(model: torch.nn.Module, batches: list[Batch], *, objective: Objective = LM,
