@@ -133,12 +133,13 @@ class SourceState:
 
     units: int = 0  # units of the stream already applied (chunks and empty markers included)
     documents: int = 0  # documents read (a chunked file counts once)
-    kept: int = 0  # documents with at least one kept unit
+    kept: int = 0  # documents kept
     bytes: int = 0
     replaced_bytes: int = 0
     tokens: int = 0
     removed: dict = field(default_factory=lambda: {"quality": 0, "exact_duplicate": 0, "near_duplicate": 0})
-    doc_open: bool = False  # a kept chunk of a document whose last chunk is still to come
+    doc_start: bool = True  # the next unit with text starts a document
+    doc_kept: bool = True  # the verdict on the current document
     writer: dict | None = None
     dedup_rows: int = 0
     examples: list = field(default_factory=list)
@@ -215,32 +216,35 @@ def run_source(src: SourceSpec, index: int, ctx: PassContext, st: SourceState) -
 
 def _apply(doc: Document, j: int, st: SourceState, quality_ok: bool, ids: np.ndarray, exact, sigs,
            dedup: Deduplicator | None, writer: ShardWriter, eot: np.ndarray) -> int:
-    """Decide one document in stream order and write its tokens if kept; returns shards completed."""
+    """Decide one unit in stream order and write its tokens if kept; returns shards completed.
+
+    A document read in several chunks (a text file over ~1 MB) is judged by its first chunk; the others follow
+    that verdict, so a document is kept or removed whole and its `<|endoftext|>` follows its last chunk.
+    """
     index = st.units
     st.units += 1
     st.bytes += doc.num_bytes
     st.replaced_bytes += doc.replaced_bytes
-    done = 0
-    if doc.text:
+    if not doc.text:
+        return 0
+    if st.doc_start:
         verdict = None if quality_ok else "quality"
         if verdict is None and dedup is not None:
             verdict, other, similarity = dedup.check(index, int(exact[j]), sigs[j] if sigs is not None else None)
             if verdict and sum(e["kind"] == verdict for e in st.examples) < MAX_EXAMPLES:
                 st.examples.append({"kind": verdict, "removed": index, "kept": other,
                                     "estimated_jaccard": round(similarity, 4)})
+        st.documents += 1
+        st.doc_kept = verdict is None
         if verdict is None:
-            done += writer.write(ids)
-            st.tokens += len(ids)
-            st.doc_open = True
+            st.kept += 1
         else:
             st.removed[verdict] += 1
-    st.documents += bool(doc.text and doc.is_last_chunk)
-    if doc.is_last_chunk and st.doc_open:
-        done += writer.write(eot)
-        st.tokens += 1
-        st.kept += 1
-        st.doc_open = False
-    return done
+    st.doc_start = doc.is_last_chunk
+    if not st.doc_kept:
+        return 0
+    st.tokens += len(ids) + doc.is_last_chunk
+    return writer.write(np.concatenate([ids, eot]) if doc.is_last_chunk else ids)
 
 
 def _save(st: SourceState, writer: ShardWriter, dedup: Deduplicator | None, ctx: PassContext) -> None:

@@ -297,10 +297,12 @@ def _encode(work: Path, state: dict, specs: list[SourceSpec], tok, qfilter, qual
                     state["current"] = vars(s)
                     _save_state(work, state)
 
-                def advance(n_bytes: int, n_tokens: int, bar=bar) -> None:
+                written = [st.tokens]
+
+                def advance(n_bytes: int, n_tokens: int, bar=bar, written=written) -> None:
                     bar.update(n_bytes)
-                    if n_tokens:
-                        bar.set_postfix_str(f"{tqdm.format_sizeof(bar.n)}B in, tokens +{n_tokens:,}", refresh=False)
+                    written[0] += n_tokens
+                    bar.set_postfix_str(f"{tqdm.format_sizeof(written[0])} tokens", refresh=False)
 
                 ctx = PassContext(work, dtype, tok.eot_id, shard_tokens, dedup, qfilter, quality.seed if quality
                                   else 0, quality.alpha if quality else 0.0, executor, checkpoint, advance)
