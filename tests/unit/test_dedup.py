@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptforge.data.dedup import Deduplicator, DedupConfig, exact_hashes, jaccard, signatures
+from gptforge.data.dedup import DedupConfig, Deduplicator, exact_hashes, jaccard, signatures
 from gptforge.data.prepare import load_meta, prepare
 
 WORDS = ("river stone market window garden lantern copper orchard meadow harbor violin thunder ember canyon "

@@ -13,7 +13,14 @@ import pytest
 
 from conftest import shared_data_dir, skip_without_shared_data
 from gptforge.data.prepare import prepare
-from gptforge.data.quality import QualityConfig, QualityFilter, keep_mask, pareto_draws, sample_texts, train_filter
+from gptforge.data.quality import (
+    QualityConfig,
+    QualityFilter,
+    keep_mask,
+    pareto_draws,
+    sample_texts,
+    train_filter,
+)
 from gptforge.errors import GptforgeError
 
 

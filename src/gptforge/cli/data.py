@@ -70,7 +70,9 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     """Find the evaluation items that share a 13-gram with the training data (GPT-3 section 4 and Appendix C):
     report the dirty fraction per task and write the clean item ids for `gptforge eval --clean_only FILE`."""
     from gptforge.data.contamination import load_task_items, run_contamination
+    from gptforge.data.shards import load_meta
 
+    load_meta(args.data)  # a bad data directory fails before the benchmark files are read
     tasks = [t for t in (args.tasks or "").split(",") if t] or None
     items = load_task_items(tasks, args.data_dir)
     report = run_contamination(args.data, items, out=args.out, n=args.ngram, progress=not args.quiet,

@@ -43,6 +43,7 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
     """
     t = cfg.train
     meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
+    verify_checksums(data_dir, meta)
     if t.init_from and not ckpt:
         cfg.model = _init_model_config(t.init_from, meta)
     elif cfg.model.vocab_size != meta["vocab_size"]:
@@ -53,7 +54,6 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
                f"(config had {cfg.model.vocab_size})")
         cfg.model.vocab_size = meta["vocab_size"]
     T = cfg.model.context_length
-    verify_checksums(data_dir, meta)
     sources = open_sources(data_dir, meta)
     common = dict(context_length=T, micro_batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size)
     if len(sources) == 1:
