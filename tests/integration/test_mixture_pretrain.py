@@ -4,6 +4,7 @@ reported, and a run resumed from a checkpoint is bitwise the run left alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -70,3 +71,70 @@ def test_mixture_proportions_val_sets_and_exact_resume(mixture_data: Path, tmp_p
     strip = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "elapsed_s")}  # noqa: E731
     after = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [strip(r) for r in after] == [strip(r) for r in rows]
+
+
+def junk(rng, i: int) -> str:
+    """Generated junk like tests/unit/test_quality.py's: random characters, repeated lines, markup."""
+    if i % 3 == 0:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-/<=>?@^_|~ ")
+                       for _ in range(400))
+    if i % 3 == 1:
+        return "\n".join([rng.choice(["click here to subscribe", "buy now best price", "home | about"])] * 12)
+    return "".join(f'<div class="nav"><a href="/p/{rng.randint(0, 9999)}">home</a></div>' for _ in range(10))
+
+
+ACCEPTANCE_WEIGHTS = {"ptb": 0.3, "wikitext": 0.3, "shakespeare": 0.15, "python": 0.15, "web": 0.1}
+
+
+@pytest.mark.slow
+def test_acceptance_mixture(tmp_path: Path) -> None:
+    """The issue's acceptance run: PTB train, WikiText-2 (valid + test), Tiny Shakespeare and python-stdlib, plus a
+    crawl-like `web` source (PTB valid/test text and three times as much generated junk) that is quality-filtered
+    against WikiText-2 valid, weighted unlike their sizes; fuzzy dedup; 1000 steps of a small model. Per-source
+    tokens seen must be within 2% of the weights (~10-30 min on 2 busy cores)."""
+    import gzip
+    import random
+
+    from gptforge.data.dedup import DedupConfig
+    from gptforge.data.quality import QualityConfig
+
+    root = shared_data_dir()
+    if not (root / "ptb" / "ptb.train.txt.gz").is_file():
+        skip_without_shared_data(root)
+    (tmp_path / "ptb.train.txt").write_bytes(gzip.decompress((root / "ptb" / "ptb.train.txt.gz").read_bytes()))
+    rng = random.Random(0)
+    lines = [x for f in ("ptb.valid.txt", "ptb.test.txt") for x in (root / "ptb" / f).read_text().splitlines()]
+    real = [" ".join(lines[i:i + 8]) for i in range(0, len(lines), 8)]
+    docs = real + [junk(rng, i) for i in range(3 * len(real))]
+    rng.shuffle(docs)
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "mix.yaml").write_text(
+        "sources:\n"
+        "  ptb: {corpus: ptb.train.txt, weight: 0.3, documents: lines}\n"
+        f"  wikitext: {{corpus: '{root}/wikitext-2/wiki.*.tokens', weight: 0.3, documents: paragraphs}}\n"
+        f"  shakespeare: {{corpus: {root}/tinyshakespeare/input.txt, weight: 0.15, documents: paragraphs}}\n"
+        "  python: {corpus: python-stdlib, weight: 0.15}\n"
+        "  web: {corpus: web.jsonl, weight: 0.1, quality_filter: true}\n")
+    meta = prepare(None, tmp_path / "data", mixture=tmp_path / "mix.yaml", vocab_size=4096, progress=False,
+                   dedup=DedupConfig(), quality=QualityConfig(reference=str(root / "wikitext-2" / "wiki.valid.tokens"),
+                                                              documents="paragraphs"))
+    cfg = load_config(preset="debug", overrides=[
+        ("max_steps", 1000), ("context_length", 64), ("d_model", 64), ("n_head", 4), ("micro_batch_size", 8),
+        ("global_batch_tokens", 512), ("eval_interval", 500), ("eval_tokens", 8192), ("log_interval", 50),
+        ("checkpoint_interval", 1000), ("lr", 3e-3), ("warmup_steps", 50)])
+    result = pretrain(cfg, tmp_path / "data", tmp_path / "run", progress=False)
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    report = {"sources": {s["name"]: {k: s[k] for k in ("documents", "kept", "keep_rate", "removed", "tokens")}
+                          for s in meta["sources"]},
+              "tokens_seen": result.tokens_seen, "val": result.val_metrics,
+              "per_source": {n: {"tokens_seen": last[f"tokens_seen/{n}"], "epochs": last[f"epochs/{n}"],
+                                 "share": last[f"tokens_seen/{n}"] / result.tokens_seen} for n in ACCEPTANCE_WEIGHTS}}
+    print(json.dumps(report, indent=1))
+    out = os.environ.get("GPTFORGE_ACCEPTANCE_OUT")
+    if out:  # keep the data directory for the contamination check
+        shutil.copytree(tmp_path / "data", out, dirs_exist_ok=True)
+        Path(out, "acceptance.json").write_text(json.dumps(report, indent=1))
+    for name, weight in ACCEPTANCE_WEIGHTS.items():
+        assert abs(report["per_source"][name]["share"] - weight) <= 0.02 * weight
+        assert result.val_metrics[f"val_loss/{name}"] < 7.0
+    assert result.val_loss < 6.0  # ln(4096) = 8.3 at initialisation
