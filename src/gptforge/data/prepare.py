@@ -30,16 +30,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gptforge.data.dedup import DedupConfig, jaccard
+from gptforge.data.dedup import DedupConfig
 from gptforge.data.mixture import SourceSpec, load_mixture, single_source
+from gptforge.data.output import install, write_report
 from gptforge.data.pipeline import Executor, PassContext, SourceState, WorkerSpec, run_source
 from gptforge.data.quality import FILTER_FILE, QualityConfig, QualityFilter, sample_texts, train_filter
 from gptforge.data.shards import META_FILE, SHARD_DIR, V1_FILES, load_meta  # noqa: F401  (load_meta re-exported)
 from gptforge.data.sources import estimate_bytes, list_files
 from gptforge.data.units import iter_units
 from gptforge.errors import GptforgeError
-from gptforge.tokenizer import BPE_FILE, CHAR_FILE, MIN_BPE_VOCAB_SIZE, load_tokenizer, train_bpe, train_char
-from gptforge.utils.io import atomic_write_json, atomic_write_text
+from gptforge.tokenizer import MIN_BPE_VOCAB_SIZE, load_tokenizer, train_bpe, train_char
+from gptforge.utils.io import atomic_write_json
 
 META_VERSION = 2
 MAX_VAL_FRACTION = 0.5
@@ -102,7 +103,8 @@ def prepare(corpus: str | os.PathLike | None, out_dir: str | os.PathLike, *, mix
     if note:
         print(f"note: {note}", file=sys.stderr)
     num_proc = default_num_proc() if num_proc is None else num_proc
-    _check_args(out, specs, tokenizer, vocab_size, val_fraction, num_proc, shard_tokens, dedup, quality)
+    _check_args(out, specs, tokenizer, vocab_size, val_fraction, num_proc, shard_tokens, tokenizer_sample_bytes,
+                dedup, quality)
     settings = _settings(specs, tokenizer, vocab_size, val_fraction, shard_tokens, tokenizer_sample_bytes, dedup,
                          quality)
     work, state = _open_work(out, settings)
@@ -113,9 +115,9 @@ def prepare(corpus: str | os.PathLike | None, out_dir: str | os.PathLike, *, mix
                        progress)
         meta["source"] = str(mixture) if mixture else os.fspath(corpus)
         if dedup_report:
-            _write_report(Path(dedup_report), specs, state, dedup or DedupConfig())
+            write_report(Path(dedup_report), specs, state, dedup or DedupConfig())
         atomic_write_json(work / META_FILE, meta)
-        _install(work, out, meta)
+        install(work, out, meta)
     except BaseException as exc:
         # Bad input fails the same way again: leave no trace. An interruption keeps what can be resumed.
         if isinstance(exc, GptforgeError) or not (work / STATE_FILE).exists():
@@ -144,7 +146,8 @@ def _sources(corpus, mixture, documents: str, text_field: str, quality: QualityC
 
 
 def _check_args(out: Path, specs: list[SourceSpec], tokenizer: str, vocab_size: int, val_fraction: float,
-                num_proc: int, shard_tokens: int, dedup: DedupConfig | None, quality: QualityConfig | None) -> None:
+                num_proc: int, shard_tokens: int, sample_bytes: int, dedup: DedupConfig | None,
+                quality: QualityConfig | None) -> None:
     if out.exists() and not out.is_dir():
         raise GptforgeError(f"out_dir {out} exists and is not a directory; give a directory path")
     if tokenizer not in ("bpe", "char") and not Path(tokenizer).exists():
@@ -162,16 +165,17 @@ def _check_args(out: Path, specs: list[SourceSpec], tokenizer: str, vocab_size: 
         raise GptforgeError(f"num_proc must be an integer >= 1, got {num_proc!r}")
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise GptforgeError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
+    if not isinstance(sample_bytes, int) or sample_bytes < 1:
+        raise GptforgeError(f"tokenizer_sample_bytes must be an integer >= 1, got {sample_bytes!r}")
     if dedup:
         dedup.check()
     if quality:
         quality.check()
     for spec in specs:
-        files = list_files(spec.corpus)  # raises "corpus not found"
+        list_files(spec.corpus)  # raises "corpus not found"
         if Path(spec.corpus).is_dir() and out.resolve().is_relative_to(Path(spec.corpus).resolve()):
             raise GptforgeError(f"--out {out} is inside the corpus folder {spec.corpus}; its outputs would become "
                                 "corpus documents next time (choose an --out outside it)")
-        del files
 
 
 def _fingerprint(corpus: str) -> list:
@@ -202,7 +206,8 @@ def _open_work(out: Path, settings: dict) -> tuple[Path, dict]:
         except (OSError, ValueError, KeyError):
             same, state = False, {}
         if same:
-            done = len(state.get("done", []))
+            state = {"done": [], "current": None, **state}
+            done = len(state["done"])
             print(f"resuming the interrupted preparation in {work} ({done} of {len(settings['sources'])} sources "
                   "done)", file=sys.stderr)
             return work, state
@@ -348,69 +353,3 @@ def _meta(state: dict, tok, dtype: str, shard_tokens: int, val_fraction: float, 
                      "reference": quality.reference, **qfilter.info} if qfilter else None),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _write_report(path: Path, specs: list[SourceSpec], state: dict, cfg: DedupConfig) -> None:
-    """Example duplicate pairs as JSON lines: source, kind, both documents' names and excerpts, similarity."""
-    lines = []
-    for spec, done in zip(specs, state["done"]):
-        examples = done.get("dedup_examples") or []
-        wanted = {i for e in examples for i in (e["removed"], e["kept"])}
-        found: dict[int, tuple[str, str]] = {}
-        for k, unit in enumerate(iter_units(spec.corpus, text_field=spec.text_field, documents=spec.documents)):
-            if k in wanted:
-                found[k] = (unit.name, unit.text)
-                if len(found) == len(wanted):
-                    break
-        for e in examples:
-            kept, removed = found.get(e["kept"], ("?", "")), found.get(e["removed"], ("?", ""))
-            lines.append(json.dumps({
-                "source": spec.name, "kind": e["kind"], "estimated_jaccard": e["estimated_jaccard"],
-                "jaccard": round(jaccard(kept[1], removed[1], cfg.shingle), 4),
-                "kept": {"index": e["kept"], "name": kept[0], "text": kept[1][:300]},
-                "removed": {"index": e["removed"], "name": removed[0], "text": removed[1][:300]}}))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def _own_files(meta: dict) -> list[str]:
-    """The files an earlier prepare wrote into a data directory (relative paths), from its meta.json."""
-    files = [*V1_FILES, BPE_FILE, CHAR_FILE, FILTER_FILE]
-    for src in meta.get("sources") or []:
-        files += [s["file"] for s in src.get("shards", []) if isinstance(s, dict) and isinstance(s.get("file"), str)]
-    return files
-
-
-def _install(work: Path, out: Path, meta: dict) -> None:
-    """Move the finished files from `work` into `out`, removing the old `meta.json` first and writing the new
-    one last, so `out` looks complete only once it is; then remove the work directory."""
-    for name in (STATE_FILE, SETTINGS_FILE):
-        (work / name).unlink(missing_ok=True)
-    for rows in work.glob("dedup_*.rows"):
-        rows.unlink()
-    if not out.exists():
-        os.chmod(work, 0o755)
-        try:
-            os.rename(work, out)  # one atomic step when out_dir is new
-            return
-        except OSError:
-            pass  # created meanwhile: fall back to moving file by file
-    out.mkdir(parents=True, exist_ok=True)
-    old = {}
-    if (out / META_FILE).is_file():
-        try:
-            old = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-    (out / META_FILE).unlink(missing_ok=True)
-    for rel in _own_files(old if isinstance(old, dict) else {}):
-        (out / rel).unlink(missing_ok=True)
-    for folder in sorted((out / SHARD_DIR).glob("*"), reverse=True) if (out / SHARD_DIR).is_dir() else []:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    new = [meta["tokenizer_file"], *([FILTER_FILE] if meta.get("quality") else []),
-           *(s["file"] for src in meta["sources"] for s in src["shards"])]
-    for rel in new:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work / rel, out / rel)
-    os.replace(work / META_FILE, out / META_FILE)
-    shutil.rmtree(work, ignore_errors=True)
