@@ -217,3 +217,26 @@ def test_python_stdlib_source() -> None:
     assert not any("site-packages" in f.parts or "dist-packages" in f.parts for f in files)
     first = next(iter_documents("python-stdlib"))
     assert first.name == str(files[0]) or first.name.endswith(".py")
+
+
+def test_document_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptforge.data.units import iter_units
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)  # paragraphs and lines cut across read chunks
+    text = " = Title = \n \n first paragraph line one\nline two\n\n\n second paragraph\n \nlast"
+    path = tmp_path / "w.txt"
+    path.write_text(text)
+    paras = list(iter_units(str(path), documents="paragraphs"))
+    assert [u.text for u in paras if u.text] == [" = Title = ", " first paragraph line one\nline two",
+                                                 " second paragraph", "last"]
+    assert sum(u.num_bytes for u in paras) == len(text.encode())
+    lines = [u.text for u in iter_units(str(path), documents="lines") if u.text]
+    assert lines == [" = Title = ", " first paragraph line one", "line two", " second paragraph", "last"]
+    assert [u.name for u in paras][:2] == [f"{path}#0", f"{path}#1"]
+    meta = prepare(str(path), tmp_path / "out", tokenizer="char", documents="lines", val_fraction=0, num_proc=1,
+                   progress=False)
+    _, train, _ = read_tokens(tmp_path / "out")
+    assert meta["documents"] == 5
+    assert load_tokenizer(tmp_path / "out").decode(train.tolist()) == "".join(x + EOT_TEXT for x in lines)
+    with pytest.raises(GptforgeError, match="documents must be one of file, lines, paragraphs"):
+        list(iter_units(str(path), documents="pages"))
