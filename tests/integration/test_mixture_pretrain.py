@@ -136,5 +136,5 @@ def test_acceptance_mixture(tmp_path: Path) -> None:
         Path(out, "acceptance.json").write_text(json.dumps(report, indent=1))
     for name, weight in ACCEPTANCE_WEIGHTS.items():
         assert abs(report["per_source"][name]["share"] - weight) <= 0.02 * weight
-        assert result.val_metrics[f"val_loss/{name}"] < 7.0
-    assert result.val_loss < 6.0  # ln(4096) = 8.3 at initialisation
+        assert result.val_metrics[f"val_loss/{name}"] < 8.0  # ln(4096) = 8.3 at initialisation
+    assert result.val_loss < 6.0
