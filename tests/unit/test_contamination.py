@@ -58,7 +58,8 @@ def test_planted_overlaps_found() -> None:
 
 
 def test_normalisation() -> None:
-    assert normalize("Don't STOP -- the @-@ end_game!\n  Now") == ["dont", "stop", "the", "endgame", "now"]
+    assert normalize("Don't STOP -- the @-@ end_game!\n  Now") == ["don", "t", "stop", "the", "end", "game", "now"]
+    assert normalize("a high-quality 1,000") == normalize("A high @-@ quality 1 @,@ 000")
 
 
 def test_training_text_from_shards_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

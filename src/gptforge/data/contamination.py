@@ -3,7 +3,8 @@
 GPT-3 (Brown et al. 2020, section 4 and Appendix C) flagged a benchmark item as potentially contaminated when
 any of its 13-grams occurs in the training data, after normalising both sides: lower-cased, punctuation
 removed, split on whitespace. Here punctuation is every character that is neither a word character nor
-whitespace (so `don't` -> `dont`, `@-@` vanishes), and an item with fewer than 13 words cannot be checked:
+whitespace, and it becomes a space (`high-quality` and WikiText's `high @-@ quality` both give `high quality`);
+an item with fewer than 13 words cannot be checked:
 it is counted as `too_short` and treated as clean.
 
 Memory stays bounded for any training set: only the benchmark's n-grams are held (as 64-bit hashes of their
@@ -35,8 +36,13 @@ _CARRY_TOKENS = 4096  # an endless document is scanned in overlapping pieces (hi
 
 
 def normalize(text: str) -> list[str]:
-    """GPT-3's normalisation: lower-case, remove punctuation, split on whitespace."""
-    return _PUNCT.sub("", text.lower()).split()
+    """GPT-3's normalisation: lower-case, strip punctuation, split on whitespace.
+
+    Punctuation becomes a space rather than nothing, so text tokenised with punctuation split off (WikiText's
+    `high @-@ quality`, `1 @,@ 000`, PTB) and the same text written normally (`high-quality`, `1,000`) give
+    the same words.
+    """
+    return _PUNCT.sub(" ", text.lower()).split()
 
 
 class _WordHasher:
