@@ -56,7 +56,9 @@ def test_one_line_errors(data: Path, tmp_path: Path, case: str, message: str) ->
                 "--out", out]
     elif case in ("hf_unreachable", "hf_offline"):
         args = ["prepare", "--corpus", "hf:someone/dataset", "--out", out, "--tokenizer", "char"]
-        env = {"HF_ENDPOINT": "http://127.0.0.1:9"} if case == "hf_unreachable" else \
+        # (test_hf_interop.py sets HF_HUB_OFFLINE=1 for the whole session: set both ways explicitly)
+        env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"} \
+            if case == "hf_unreachable" else \
             {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     elif case == "report_without_dedup":
         args = ["prepare", "--corpus", corpus, "--out", out, "--dedup_report", tmp_path / "r.jsonl"]
