@@ -114,3 +114,19 @@ def test_empty_reference_is_a_one_line_error(tmp_path: Path) -> None:
         prepare(str(corpus), tmp_path / "out", tokenizer="char", num_proc=1, progress=False,
                 quality=QualityConfig(reference=str(empty)))
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.prepare").exists()
+
+
+def test_saved_filter_is_reused(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    good = [" ".join(rng.choice(["the", "river", "city", "history", "war", "king"]) for _ in range(30))
+            for _ in range(60)]
+    raw = [json.dumps({"text": t}) for t in good[:30] + [junk(rng, i) for i in range(90)]]
+    (tmp_path / "raw.jsonl").write_text("\n".join(raw) + "\n")
+    (tmp_path / "ref.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in good[30:]) + "\n")
+    first = prepare(str(tmp_path / "raw.jsonl"), tmp_path / "a", tokenizer="char", num_proc=1, progress=False,
+                    quality=QualityConfig(reference=str(tmp_path / "ref.jsonl")))
+    again = prepare(str(tmp_path / "raw.jsonl"), tmp_path / "b", tokenizer="char", num_proc=1, progress=False,
+                    quality=QualityConfig(filter_path=str(tmp_path / "a" / "quality_filter.npz")))
+    assert first["sources"][0]["kept"] == again["sources"][0]["kept"] < 120
+    assert first["sources"][0]["removed"]["quality"] > 80
+    assert (tmp_path / "a" / "quality_filter.npz").read_bytes() == (tmp_path / "b" / "quality_filter.npz").read_bytes()
