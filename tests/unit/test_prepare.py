@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import skip_without_shared_data_msg
+from conftest import shared_data_dir, skip_without_shared_data_msg
 from gptforge.data import sources
 from gptforge.data.prepare import choose_dtype, load_meta, prepare
+from gptforge.data.shards import open_sources
 from gptforge.data.sources import SHAKESPEARE_SHA256, iter_documents
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import EOT_TEXT, load_tokenizer
 
-SHARED_DATA = Path(os.environ.get("GPTFORGE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. 👋 café\r\n" * 20
 
 
 def read_tokens(data_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """meta.json and the (single) source's train and val tokens, read through the memory-mapped shards."""
     meta = load_meta(data_dir)
-    # np.fromfile, not np.memmap: numpy cannot memmap the empty val.bin of val_fraction=0.
-    train = np.fromfile(data_dir / "train.bin", dtype=meta["dtype"])
-    val = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"])
-    return meta, train, val
+    (src,) = open_sources(data_dir, meta)
+    return meta, np.asarray(src.train[:]), np.asarray(src.val[:])
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -47,8 +46,8 @@ def test_prepare_text_file_round_trip(tmp_path: Path, kind: str) -> None:
     stream = np.concatenate([train, val]).tolist()
     assert stream[-1] == tok.eot_id and stream.count(tok.eot_id) == 1
     assert tok.decode(stream) == TEXT + EOT_TEXT
-    for name in ("train.bin", "val.bin"):
-        assert meta["sha256"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    for shard in meta["sources"][0]["shards"]:
+        assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "data"]  # no temp dir left
 
 
@@ -148,7 +147,8 @@ def test_reuse_tokenizer_and_overwrite(tmp_path: Path) -> None:
     (out / "notes.txt").write_text("keep me")
     (out / "tokenizer.json").write_text("stale")
     meta = prepare(str(corpus), out, tokenizer=str(first), progress=False)
-    assert meta["tokenizer"] == "char" and meta["sha256"] == load_meta(first)["sha256"]
+    shas = [s["sha256"] for s in meta["sources"][0]["shards"]]
+    assert meta["tokenizer"] == "char" and shas == [s["sha256"] for s in load_meta(first)["sources"][0]["shards"]]
     assert (out / "notes.txt").read_text() == "keep me"
     assert not (out / "tokenizer.json").exists()  # stale tokenizer of the other kind removed
     corpus.write_text("unknown chars: ZQX§")
@@ -166,10 +166,10 @@ def test_load_meta_errors(tmp_path: Path) -> None:
         load_meta(tmp_path)
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
-    prepare(str(corpus), tmp_path / "d", tokenizer="char", progress=False)
-    with open(tmp_path / "d" / "val.bin", "ab") as f:
+    meta = prepare(str(corpus), tmp_path / "d", tokenizer="char", progress=False)
+    with open(tmp_path / "d" / meta["sources"][0]["shards"][0]["file"], "ab") as f:
         f.write(b"\x00")
-    with pytest.raises(GptforgeError, match="val.bin is .* bytes but meta.json says"):
+    with pytest.raises(GptforgeError, match="000000.bin is .* bytes but meta.json says"):
         load_meta(tmp_path / "d")
 
 
@@ -217,3 +217,26 @@ def test_python_stdlib_source() -> None:
     assert not any("site-packages" in f.parts or "dist-packages" in f.parts for f in files)
     first = next(iter_documents("python-stdlib"))
     assert first.name == str(files[0]) or first.name.endswith(".py")
+
+
+def test_document_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptforge.data.units import iter_units
+
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)  # paragraphs and lines cut across read chunks
+    text = " = Title = \n \n first paragraph line one\nline two\n\n\n second paragraph\n \nlast"
+    path = tmp_path / "w.txt"
+    path.write_text(text)
+    paras = list(iter_units(str(path), documents="paragraphs"))
+    assert [u.text for u in paras if u.text] == [" = Title = ", " first paragraph line one\nline two",
+                                                 " second paragraph", "last"]
+    assert sum(u.num_bytes for u in paras) == len(text.encode())
+    lines = [u.text for u in iter_units(str(path), documents="lines") if u.text]
+    assert lines == [" = Title = ", " first paragraph line one", "line two", " second paragraph", "last"]
+    assert [u.name for u in paras][:2] == [f"{path}#0", f"{path}#1"]
+    meta = prepare(str(path), tmp_path / "out", tokenizer="char", documents="lines", val_fraction=0, num_proc=1,
+                   progress=False)
+    _, train, _ = read_tokens(tmp_path / "out")
+    assert meta["documents"] == 5
+    assert load_tokenizer(tmp_path / "out").decode(train.tolist()) == "".join(x + EOT_TEXT for x in lines)
+    with pytest.raises(GptforgeError, match="documents must be one of file, lines, paragraphs"):
+        list(iter_units(str(path), documents="pages"))

@@ -1,10 +1,11 @@
 """Pretraining windows from prepared token files: random windows for training, fixed windows for validation.
 
 Legend: B sequences per micro-batch, T context_length, W world_size. Token files are flat uint16/uint32 memmaps
-written by `gptforge prepare`; documents are already separated by the end-of-text token, so any window is valid
-training data. Training windows start at random offsets drawn from a torch.Generator whose state is part of a
-checkpoint; validation scores a fixed list of non-overlapping windows, so its value does not depend on the
-micro-batch size or the world size.
+written by `gptforge prepare` (read as one array, or as a `data.shards.TokenStream` over shards); documents are
+already separated by the end-of-text token, so any window is valid training data. Training windows start at
+random offsets drawn from a torch.Generator whose state is part of a checkpoint; with a mixture, `MixtureSource`
+also chooses each window's source by weight. Validation scores a fixed list of non-overlapping windows, so its
+value does not depend on the micro-batch size or the world size.
 """
 
 from __future__ import annotations
@@ -65,6 +66,78 @@ class WindowSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class MixtureSource:
+    """Training windows from several sources, each source drawn with its mixture weight (a `BatchSource`).
+
+    Brown et al. 2020 (section 2.2, Table 2.2) sample datasets by weight, not by size. Here each micro-step's
+    B x W global rows get their sources by quota: row after row, the source furthest below its share
+    (max over s of weight_s x (rows + 1) - rows_s, ties to the first) gets the row, so after any number of rows
+    every source has its weight's share to within one row. The rows are then shuffled and each gets a uniformly
+    random window of its source's training split, both with one torch.Generator. Rank r takes the r-th slice
+    of B, so the global batch is the same at any world size. The generator state and the per-source row counts
+    are the checkpointed state: a resumed run draws exactly the same windows.
+
+    Args:
+        streams: each source's training tokens (anything with len() and contiguous slicing).
+        weights: the sources' weights (positive, summing to 1).
+        names: the sources' names, for `log_stats`.
+
+    Raises:
+        GptforgeError: a source holds fewer than T + 1 training tokens.
+    """
+
+    def __init__(self, streams: list, weights: list[float], names: list[str], *, context_length: int,
+                 micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        for stream, name in zip(streams, names):
+            if len(stream) < context_length + 1:
+                raise GptforgeError(f"source {name!r} has {len(stream)} training tokens; context_length "
+                                    f"{context_length} needs at least {context_length + 1}")
+        self.streams, self.weights, self.names = streams, list(weights), list(names)
+        self.T, self.B, self.rank, self.world_size = context_length, micro_batch_size, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = [0] * len(streams)  # rows drawn so far from each source, over all ranks
+
+    def _assign(self, n_rows: int) -> list[int]:
+        out = []
+        for _ in range(n_rows):
+            total = sum(self.rows) + 1
+            i = max(range(len(self.rows)), key=lambda s: (self.weights[s] * total - self.rows[s], -s))
+            self.rows[i] += 1
+            out.append(i)
+        return out
+
+    def next_batch(self) -> Batch:
+        """(B, T) inputs and targets, int64 on CPU; `source_ids` (B,) gives each row's source index."""
+        n = self.B * self.world_size
+        assigned = self._assign(n)
+        order = torch.randperm(n, generator=self.generator).tolist()
+        draws = torch.randint(0, 1 << 62, (n,), generator=self.generator).tolist()
+        rows = [(assigned[order[j]], draws[j]) for j in range(n)][self.rank * self.B:(self.rank + 1) * self.B]
+        offsets = [d % (len(self.streams[s]) - self.T) for s, d in rows]
+        windows = np.stack([self.streams[s][o:o + self.T + 1] for (s, _), o in zip(rows, offsets)])
+        tokens = torch.from_numpy(windows.astype(np.int64))
+        return Batch(tokens[:, :-1], tokens[:, 1:], source_ids=torch.tensor([s for s, _ in rows], dtype=torch.long))
+
+    def log_stats(self) -> dict:
+        """Per source: `tokens_seen/<name>` (input tokens of its windows, all ranks) and `epochs/<name>`
+        (those tokens over the source's training tokens), the last columns of the paper's Table 2.2."""
+        out: dict = {}
+        for name, rows, stream in zip(self.names, self.rows, self.streams):
+            out[f"tokens_seen/{name}"] = rows * self.T
+            out[f"epochs/{name}"] = round(rows * self.T / len(stream), 6)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("rows", [])) != len(self.rows):
+            raise GptforgeError(f"cannot resume: the checkpoint's data had {len(state.get('rows', []))} sources, "
+                                f"this data has {len(self.rows)} (resume with the data the run was started on)")
+        self.generator.set_state(state["generator"])
+        self.rows = [int(r) for r in state["rows"]]
 
 
 def validation_windows(tokens: np.ndarray, *, context_length: int, micro_batch_size: int, max_tokens: int,

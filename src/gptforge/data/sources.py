@@ -10,7 +10,11 @@ corpus is. A source is, in the order tried:
   record from `text_field`; any other file is one text document;
 - an existing folder: every regular, non-hidden file below it, recursively, in sorted order, each
   handled as a file above;
-- a glob pattern (`*`, `?`, `[`; `**` recurses): the sorted matching files.
+- a glob pattern (`*`, `?`, `[`; `**` recurses): the sorted matching files;
+- `hf:NAME[:CONFIG][:SPLIT]`: a Hugging Face hub dataset, streamed (split `train` unless given), one
+  document per record from `text_field`; a clear one-line error when the hub cannot be reached.
+
+`data.units.iter_units` cuts these documents into smaller units (lines, paragraphs) when asked.
 
 Text files are read as bytes and decoded as UTF-8; undecodable bytes become U+FFFD and are counted
 (`Document.replaced_bytes`). A text file is yielded in chunks of about 1 MB cut at line boundaries;
@@ -38,6 +42,7 @@ from gptforge.errors import GptforgeError
 from gptforge.utils.io import cache_dir, sha256_file
 
 NAMED_CORPORA = ("shakespeare", "python-stdlib")
+HF_PREFIX = "hf:"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_RELPATH = Path("tinyshakespeare") / "input.txt"
@@ -81,9 +86,19 @@ codecs.register_error("gptforge.count_replace", _count_and_replace)
 
 def _not_found(source: str) -> GptforgeError:
     return GptforgeError(
-        f"corpus not found: {source} (expected a file, folder, glob, .jsonl/.parquet file, "
+        f"corpus not found: {source} (expected a file, folder, glob, .jsonl/.parquet file, hf:NAME, "
         f"or one of: {', '.join(NAMED_CORPORA)})"
     )
+
+
+def check_source(source: str) -> None:
+    """Raise the one-line `corpus not found` error now if a local source does not exist (hf: is checked when read)."""
+    if source.startswith(HF_PREFIX):
+        from gptforge.data.hub import parse_hf
+
+        parse_hf(source)
+    elif source != "shakespeare":
+        list_files(source)
 
 
 def iter_documents(source: str | os.PathLike, *, text_field: str = "text") -> Iterator[Document]:
@@ -120,7 +135,7 @@ def list_files(source: str) -> list[Path] | None:
     """
     if source == "python-stdlib":
         return _stdlib_files()
-    if source == "shakespeare":
+    if source == "shakespeare" or source.startswith(HF_PREFIX):
         return None
     path = Path(source)
     if path.is_file():
@@ -153,6 +168,11 @@ def _iter_source(source: str, text_field: str) -> Iterator[Document]:
         return
     if not isinstance(source, str) or not source:
         raise _not_found(str(source))
+    if source.startswith(HF_PREFIX):
+        from gptforge.data.hub import iter_hf
+
+        yield from iter_hf(source, text_field)
+        return
     path = Path(source)
     if path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
         yield from _iter_records(path, text_field)

@@ -1,7 +1,9 @@
 """Pretraining: the training loop (`train.loop`) over random windows of prepared token files.
 
 Legend: T context_length. This module only builds the pretraining `Task`: the data's tokenizer, the window
-source, the validation windows, and the model config's vocabulary reconciled with the data's.
+source (one corpus: `WindowSource`; a weighted mixture: `MixtureSource`, logging tokens seen and epochs per
+source), the validation windows (one set per source of a mixture), and the model config's vocabulary
+reconciled with the data's. Shards are read through memory maps; their checksums are verified at start.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from pathlib import Path
 
 from gptforge.checkpoint.io import find_checkpoint, read_json
 from gptforge.config import Config, ModelConfig, config_from_dict
-from gptforge.data.dataset import WindowSource, open_split, validation_windows
-from gptforge.data.prepare import load_meta
+from gptforge.data.dataset import MixtureSource, WindowSource, validation_windows
+from gptforge.data.shards import load_meta, open_sources, verify_checksums
 from gptforge.distributed.env import DistInfo
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import load_tokenizer
@@ -41,6 +43,7 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
     """
     t = cfg.train
     meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
+    verify_checksums(data_dir, meta)
     if t.init_from and not ckpt:
         cfg.model = _init_model_config(t.init_from, meta)
     elif cfg.model.vocab_size != meta["vocab_size"]:
@@ -51,17 +54,23 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
                f"(config had {cfg.model.vocab_size})")
         cfg.model.vocab_size = meta["vocab_size"]
     T = cfg.model.context_length
-    source = WindowSource(open_split(data_dir, "train", meta["dtype"]), context_length=T,
-                          micro_batch_size=t.micro_batch_size, seed=t.seed, rank=info.rank, world_size=info.world_size)
-    val_tokens = open_split(data_dir, "val", meta["dtype"])
-    val_sets = {}
-    if len(val_tokens) > T:
-        val_sets["val"] = partial(validation_windows, val_tokens, context_length=T, micro_batch_size=t.micro_batch_size,
-                                  max_tokens=t.eval_tokens, rank=info.rank, world_size=info.world_size)
+    sources = open_sources(data_dir, meta)
+    common = dict(context_length=T, micro_batch_size=t.micro_batch_size, rank=info.rank, world_size=info.world_size)
+    if len(sources) == 1:
+        source = WindowSource(sources[0].train, seed=t.seed, **common)
     else:
-        print0(f"warning: the validation split has {len(val_tokens)} tokens, fewer than context_length + 1 = {T + 1}; "
-               "no val loss will be computed (prepare with a larger --val_fraction)")
-    return Task(name="pretrain", tokenizer=tokenizer, train=source, val_sets=val_sets, fixed_shape=True)
+        source = MixtureSource([s.train for s in sources], [s.weight for s in sources], [s.name for s in sources],
+                               seed=t.seed, **common)
+    val_sets = {}
+    for s in sources:
+        name = "val" if len(sources) == 1 else s.name
+        if len(s.val) > T:
+            val_sets[name] = partial(validation_windows, s.val, max_tokens=t.eval_tokens, **common)
+        else:
+            print0(f"warning: the validation split of {s.name} has {len(s.val)} tokens, fewer than context_length + 1 "
+                   f"= {T + 1}; no val loss will be computed for it (prepare with a larger --val_fraction)")
+    return Task(name="pretrain", tokenizer=tokenizer, train=source, val_sets=val_sets, fixed_shape=True,
+                log_stats=source.log_stats if isinstance(source, MixtureSource) else None)
 
 
 def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress: bool = True,
