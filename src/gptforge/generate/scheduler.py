@@ -218,13 +218,16 @@ class Engine:
                 except Exception:  # a consumer's bug must not stop every other request
                     log.exception("on_output callback of request %d failed", out.seq.id)
 
-    def abort_all(self) -> list[Output]:
-        """End every waiting and running request (finish reason "abort"); used at shutdown."""
+    def abort_all(self, reason: str = FINISH_ABORT) -> list[Output]:
+        """End every waiting and running request with `reason` and free everything (shutdown, or a failure:
+        nothing here touches the model or the cache)."""
         with self._lock:
             self.waiting.extend(self._inbox)
             self._inbox, self._cancels = [], []
-        outputs = [self._finish(s, FINISH_ABORT) for s in [*self.waiting, *self.running] if not s.finished]
-        self._release()
+        outputs = [self._finish(s, reason) for s in [*self.waiting, *self.running] if not s.finished]
+        self.waiting.clear()
+        self.running.clear()
+        self.cache = None
         self._deliver(outputs)
         return outputs
 
