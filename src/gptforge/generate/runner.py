@@ -45,7 +45,7 @@ class EngineThread:
 
     def start(self) -> None:
         """Start the thread and queue the warm-up request (`ready` is set when it has run)."""
-        warm = Sequence([self.engine.eot_id], SamplingParams(max_new_tokens=1, temperature=0),
+        warm = Sequence([0], SamplingParams(max_new_tokens=1, temperature=0),
                         on_output=lambda out: self.ready.set() if out.finish_reason else None)
         self.engine.submit([warm])
         self._thread.start()
