@@ -116,8 +116,10 @@ class ServerContext:
             if bad is not None:
                 raise APIError(400, f"'{param}' holds token id {bad}; allowed: 0..{V - 1}", param=param)
             if len(ids) > C:
-                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise APIError(400, f"{which} has {len(ids)} tokens; the model's context_length is {C} tokens",
+                which = f"prompt {i} has" if len(prompts) > 1 else "the prompt has"
+                if param == "messages":
+                    which = "the messages (rendered with the chat template) have"
+                raise APIError(400, f"{which} {len(ids)} tokens; the model's context_length is {C} tokens",
                                param=param, code="context_length_exceeded")
             if not ids:
                 raise APIError(400, f"'{param}' must not be empty", param=param)

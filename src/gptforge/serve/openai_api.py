@@ -73,6 +73,15 @@ class _Stream:
 
 
 # ---- completions ---------------------------------------------------------------------------------------------
+def _top_dict(ctx: ServerContext, top: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: logprob}, most likely first; tokens whose text is the same (e.g. partial UTF-8 characters,
+    all shown as U+FFFD) keep the larger log-probability."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(ctx.token_text(token), logprob)
+    return out
+
+
 def _completion_logprobs(ctx: ServerContext, choice: Choice, tokens: list[TokenText], echo_text: str | None,
                          base_offset: int) -> dict[str, Any]:
     """The legacy `logprobs` object for the given tokens (after the prompt's, when echo_text is given)."""
@@ -83,12 +92,12 @@ def _completion_logprobs(ctx: ServerContext, choice: Choice, tokens: list[TokenT
         for tok, off, (lp, top) in zip(choice.prompt, offsets, scores):
             out["tokens"].append(ctx.token_text(tok))
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else {ctx.token_text(t): v for t, v in top})
+            out["top_logprobs"].append(None if top is None else _top_dict(ctx, top))
             out["text_offset"].append(off)
     for t in tokens:
         out["tokens"].append(t.text)
         out["token_logprobs"].append(t.logprob)
-        out["top_logprobs"].append({ctx.token_text(i): v for i, v in (t.top_logprobs or [])})
+        out["top_logprobs"].append(_top_dict(ctx, t.top_logprobs or []))
         out["text_offset"].append(base_offset + t.offset)
     return out
 
