@@ -26,8 +26,11 @@ def corpus(n_words: int = 20_000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_run(root: Path, *, context_length: int = 64, vocab_size: int = 320, seed: int = 0) -> Path:
-    """Write a run directory (one checkpoint) with a tiny random GPT and a BPE tokenizer; return its path."""
+def make_run(root: Path, *, context_length: int = 64, vocab_size: int = 320, seed: int = 0,
+             never_eot: bool = True) -> Path:
+    """Write a run directory (one checkpoint) with a tiny random GPT and a BPE tokenizer; return its path.
+    With `never_eot`, end-of-text always scores about -100 below the rest (streams run until stopped): the
+    final LayerNorm's dimension 0 is the constant 1 and only end-of-text's (tied) embedding reads it."""
     from gptforge.checkpoint.io import save_checkpoint
     from gptforge.config import Config, ModelConfig
     from gptforge.model.gpt import GPT
@@ -42,6 +45,10 @@ def make_run(root: Path, *, context_length: int = 64, vocab_size: int = 320, see
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(4.0)
+        if never_eot:
+            model.ln_f.weight[0], model.ln_f.bias[0] = 0.0, 1.0
+            model.wte.weight[:, 0] = 0.0
+            model.wte.weight[tok.eot_id, 0] = -100.0
     run = root / "run"
     save_checkpoint(run, step=0, cfg=cfg, tokenizer=tok, model=model, state={"tokens_seen": 0})
     return run

@@ -18,6 +18,15 @@ from gptforge.model.loss import target_logprobs
 NO_EOT = 10_000  # an end-of-text id the model never produces: rows run to max_new_tokens
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a loaded machine OpenMP barriers stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def model(tiny_cfg):
     """Dense and banded layers (window 6), context 16: windows slide and bands apply within a few tokens."""
@@ -162,15 +171,17 @@ def test_stop_check_end_of_text_and_limits(model):
     prompt, k, stop_at = next((p, k, toks[k]) for p in ([i, i + 1] for i in range(1, 200))
                               for toks in [alone(model, p, SamplingParams(max_new_tokens=5, temperature=0))]
                               for k in range(1, 5) if toks[k] not in toks[:k])
-    engine = Engine(model, eot_id=stop_at, max_running=2, max_queue=2)
+    engine = Engine(model, eot_id=stop_at, max_running=3, max_queue=3)
     a = Sequence(prompt, SamplingParams(max_new_tokens=5, temperature=0))
     b = Sequence(prompt, SamplingParams(max_new_tokens=5, temperature=0), stop_check=lambda tok: len(b.output) == 1)
-    engine.submit([a, b])
+    c = Sequence(prompt, SamplingParams(max_new_tokens=5, temperature=0), ignore_eot=True)
+    engine.submit([a, b, c])
     with pytest.raises(QueueFullError, match="queue is full"):
         engine.submit([Sequence([3], SamplingParams())])
     run(engine)
     assert a.finish_reason == "stop" and a.output[-1] == stop_at and len(a.output) == k + 1  # end-of-text ends it
     assert b.finish_reason == "stop" and len(b.output) == 1
+    assert c.finish_reason == "length" and len(c.output) == 5 and c.output[k] == stop_at  # went on past it
     assert engine.cache is None  # idle: the cache memory is given back
     with pytest.raises(GptforgeError, match="prompt has 17 tokens; the model's context_length is 16"):
         engine.submit([Sequence([1] * 17, SamplingParams())])

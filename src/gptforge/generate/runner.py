@@ -78,7 +78,8 @@ class EngineThread:
         while self.alive and self.engine.has_work() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.abort_all()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=60)
 
     def begin_shutdown(self, drain_timeout_s: float) -> None:
         """Take no new requests; end whatever still runs after `drain_timeout_s` seconds (does not block)."""

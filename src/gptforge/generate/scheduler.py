@@ -74,6 +74,7 @@ class Sequence:
         stop_check: called in the engine's thread with each new token (not end-of-text); True ends the
             request with finish reason "stop" (the text layer uses it for stop strings).
         on_output: called in the engine's thread with each Output of this request.
+        ignore_eot: keep generating after end-of-text (benchmarks that need fixed output lengths).
     """
 
     prompt: list[int]
@@ -82,6 +83,7 @@ class Sequence:
     prompt_logprobs: int | None = None
     stop_check: Callable[[int], bool] | None = None
     on_output: Callable[[Output], None] | None = None
+    ignore_eot: bool = False
     id: int = field(default_factory=lambda: next(_ids))
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -392,9 +394,9 @@ class Engine:
         if seq.counts is not None:
             seq.counts[token] += 1
         out = Output(seq, token, logprob, top)
-        if token == self.eot_id:
+        if token == self.eot_id and not seq.ignore_eot:
             reason = FINISH_STOP
-        elif seq.stop_check is not None and seq.stop_check(token):
+        elif token != self.eot_id and seq.stop_check is not None and seq.stop_check(token):
             reason = FINISH_STOP
         elif len(seq.output) >= seq.params.max_new_tokens:
             reason = FINISH_LENGTH

@@ -122,7 +122,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, receive
         for j in range(n):
             gen.add(index=i * n + j, prompt=ids, params=_seeded(params, j), tokenizer=ctx.tokenizer,
                     logprobs=logprobs, prompt_logprobs=logprobs if echo and logprobs is not None else None,
-                    on_timing=ctx.metrics.observe)
+                    on_timing=ctx.metrics.observe, ignore_eot=bool(body.ignore_eos))
     ctx.submit(gen)
     texts = {c.index: (body.prompt[c.index // n] if isinstance(body.prompt[c.index // n], str)
                        else ctx.prompt_offsets(c.prompt)[0]) if echo else "" for c in gen.choices}
@@ -214,7 +214,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     gen = Generation(ctx.runner, asyncio.get_running_loop())
     for j in range(n):
         gen.add(index=j, prompt=prompt, params=_seeded(params, j), tokenizer=ctx.tokenizer, logprobs=logprobs,
-                on_timing=ctx.metrics.observe)
+                on_timing=ctx.metrics.observe, ignore_eot=bool(body.ignore_eos))
     ctx.submit(gen)
     strip = _LeadingSpace(template.strip_leading_space)
     if body.stream:

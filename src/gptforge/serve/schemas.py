@@ -2,8 +2,8 @@
 
 Every field is checked with a message naming the allowed values (a bool is not a number, a string is not a
 number, NaN and infinities are refused, integers are bounded), so any bad body becomes a 400 that names the
-field. Ranges follow the OpenAI API reference; where it is silent, vLLM's behaviour (`top_k` and
-`repetition_penalty` extensions, `-1` meaning "off" for top_k). Unknown fields are kept aside
+field. Ranges follow the OpenAI API reference; where it is silent, vLLM's behaviour (`top_k`,
+`repetition_penalty` and `ignore_eos` extensions, `-1` meaning "off" for top_k). Unknown fields are kept aside
 (`model_extra`) for the app to log and ignore. Requires pydantic (a FastAPI dependency).
 """
 
@@ -120,6 +120,7 @@ class _Request(BaseModel):
     frequency_penalty: Penalty | None = None
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: Boolean | None = None
 
 
 class CompletionRequest(_Request):

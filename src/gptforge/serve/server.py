@@ -7,6 +7,7 @@ exits. `ServerThread` runs the same server in a background thread (tests and ben
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -51,11 +52,20 @@ def _uvicorn_server(app, shutdown_timeout_s: float, log_level: str, on_exit: Cal
 
 
 def serve(app, sock: socket.socket, *, shutdown_timeout_s: float = 30.0, log_level: str = "info") -> None:
-    """Serve `app` (from `create_app`) on `sock` until SIGTERM/SIGINT."""
+    """Serve `app` (from `create_app`) on `sock` until SIGTERM/SIGINT. After a graceful SIGTERM shutdown the
+    process exits with status 0 (uvicorn re-raises the signal once it has finished; we take it as done)."""
     ctx = app.state.ctx
     server = _uvicorn_server(app, shutdown_timeout_s, log_level,
                              on_exit=lambda: ctx.runner.begin_shutdown(shutdown_timeout_s))
-    server.run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, _shut_down)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _shut_down(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 class ServerThread:

@@ -53,13 +53,15 @@ class Choice:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     on_timing: Callable[[Timing, Output], None] | None = None
+    ignore_eot: bool = False
     timing: Timing = field(default_factory=lambda: Timing(time.monotonic()))
 
     def __post_init__(self) -> None:
         self.stream = TextStream(self.tokenizer, self.params.stop)
         self._piece = ""
         self.seq = Sequence(self.prompt, self.params, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
-                            stop_check=self._stop_check, on_output=self._on_output)
+                            stop_check=self._stop_check, on_output=self._on_output,
+                            ignore_eot=self.ignore_eot)
 
     def _stop_check(self, token: int) -> bool:  # engine thread
         self._piece += self.stream.push(token)
