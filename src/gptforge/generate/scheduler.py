@@ -396,8 +396,8 @@ class Engine:
         out = Output(seq, token, logprob, top)
         if token == self.eot_id and not seq.ignore_eot:
             reason = FINISH_STOP
-        elif token != self.eot_id and seq.stop_check is not None and seq.stop_check(token):
-            reason = FINISH_STOP
+        elif token != self.eot_id and seq.stop_check is not None and self._stop_check(seq, token):
+            reason = FINISH_STOP if seq.finish_reason is None else FINISH_ABORT
         elif len(seq.output) >= seq.params.max_new_tokens:
             reason = FINISH_LENGTH
         else:
@@ -405,6 +405,15 @@ class Engine:
         self._finish(seq, reason)
         out.finish_reason = reason
         return out
+
+    def _stop_check(self, seq: Sequence, token: int) -> bool:
+        """The caller's stop check; one that raises ends its own request ("abort"), never the engine."""
+        try:
+            return bool(seq.stop_check(token))
+        except Exception:
+            log.exception("stop_check of request %d failed", seq.id)
+            seq.finish_reason = FINISH_ABORT
+            return True
 
     def _finish(self, seq: Sequence, reason: str) -> Output:
         seq.finish_reason = reason

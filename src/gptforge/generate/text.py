@@ -78,7 +78,10 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a generated token; return the text that may now be shown (possibly ""). End-of-text adds no text."""
         offset = self.emitted + len(self.buffer.pending)
-        raw = self.tokenizer.token_bytes(token)
+        try:
+            raw = self.tokenizer.token_bytes(token)
+        except ValueError:  # an id past the tokenizer's vocabulary (a model with a padded vocab): no text
+            raw = b""
         self.tokens.append(TokenText(token, raw.decode("utf-8", errors="replace"), offset))
         if token == self.tokenizer.eot_id or self.buffer.done:
             return ""
