@@ -283,7 +283,8 @@ class Engine:
         self.cache = KVCache(n_layer=c.n_layer, batch_size=new_rows, n_head=c.n_head, d_head=c.d_head,
                              capacity=new_slots, device=self.device, dtype=self.dtype)
         if old is not None and self.running:
-            self.cache.copy_from(old, len(self.running))
+            rows = list(range(len(self.running)))
+            self.cache.copy_rows(old, rows, rows)
 
     def _forward(self, tokens: torch.Tensor, rows: list[int] | None, takes: list[int],
                  score: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -422,7 +423,7 @@ class Engine:
 
     def _release(self) -> None:
         """Free the rows of finished requests: the last running row moves into each hole, so rows stay
-        contiguous (one row copy per finished request, see KVCache.copy_row)."""
+        contiguous (one row copy per finished request, see KVCache.copy_rows)."""
         if any(s.finished for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.finished)
         while True:
@@ -432,6 +433,6 @@ class Engine:
             if hole is None:
                 return
             last = self.running.pop()
-            self.cache.copy_row(last.row, hole)
+            self.cache.copy_rows(self.cache, [last.row], [hole])
             last.row = hole
             self.running[hole] = last

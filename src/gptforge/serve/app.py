@@ -121,26 +121,7 @@ def create_app(lm, settings: ServeSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return _respond(await create_chat_completion(ctx, body, request.receive))
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
-    async def models():
-        return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model",
-                                            "created": int(lm.checkpoint.stat().st_mtime), "owned_by": "gptforge",
-                                            "max_model_len": ctx.context_length}]}
-
-    @app.get("/health")
-    async def health():
-        if ctx.runner.error is not None or (ctx.runner.ready.is_set() and not ctx.runner.alive):
-            return _error(503, "the generation engine has stopped", type="server_error", code="unavailable")
-        if not ctx.runner.ready.is_set():
-            return _error(503, "the model is loading", type="server_error", code="loading")
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    _add_info_routes(app, ctx, auth)
     _add_tokenizer_routes(app, ctx, auth)
     page = resources.files("gptforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
 
@@ -156,6 +137,28 @@ def _respond(result):
         return result
     return StreamingResponse(result, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _add_info_routes(app: FastAPI, ctx: ServerContext, auth) -> None:
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [{"id": ctx.settings.served_model_name, "object": "model",
+                                            "created": int(ctx.lm.checkpoint.stat().st_mtime), "owned_by": "gptforge",
+                                            "max_model_len": ctx.context_length}]}
+
+    @app.get("/health")
+    async def health():
+        if ctx.runner.error is not None or (ctx.runner.ready.is_set() and not ctx.runner.alive):
+            return _error(503, "the generation engine has stopped", type="server_error", code="unavailable")
+        if not ctx.runner.ready.is_set():
+            return _error(503, "the model is loading", type="server_error", code="loading")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_tokenizer_routes(app: FastAPI, ctx: ServerContext, auth) -> None:
