@@ -146,9 +146,11 @@ def scale_by_temperature(logits: torch.Tensor, temperature: float | torch.Tensor
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse transform sampling: probs (B, V) (need not sum to 1), uniforms (B,) in [0, 1) -> tokens (B,)
     int64. A token of probability 0 is never drawn."""
-    cdf = probs.double().cumsum(dim=-1)  # float64: 50k float32 additions would round visibly
+    # float64: 50k float32 additions would round visibly (MPS has no float64: its rows are drawn on the CPU)
+    cdf = (probs.cpu() if probs.device.type == "mps" else probs).double().cumsum(dim=-1)
     target = uniforms.to(cdf.device, torch.float64) * cdf[:, -1]
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    tokens = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    return tokens.to(probs.device)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor, *,
