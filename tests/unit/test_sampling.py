@@ -89,16 +89,15 @@ def test_temperatures_that_underflow_sample_greedily(temperature):
 
 
 def test_rows_sample_with_their_own_parameters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(4, 3).contiguous()
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1),
-              SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=1.0)]
-    seen = {i: set() for i in range(4)}
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        toks = sample_rows(logits, params, torch.rand(4, generator=g, dtype=torch.float64))
-        for i, t in enumerate(toks.tolist()):
-            seen[i].add(t)
-    assert seen == {0: {0}, 1: {0}, 2: {0, 1}, 3: {0, 1, 2}}
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1),
+             SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=1.0)]
+    params = kinds * 300  # 1200 rows in one call, each with its own parameters
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(len(params), 3).contiguous()
+    toks = sample_rows(logits, params, torch.rand(len(params), generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64)).view(300, 4)
+    assert [set(toks[:, i].tolist()) for i in range(4)] == [{0}, {0}, {0, 1}, {0, 1, 2}]
+    freq = torch.bincount(toks[:, 3], minlength=3).float() / 300
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.1, rtol=0)
 
 
 def test_draw_follows_the_cdf_and_never_picks_a_zero_probability_token():
