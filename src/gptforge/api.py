@@ -1,4 +1,8 @@
-"""The Python API shared by the CLI (and later the server): load a trained model and generate text."""
+"""The Python API shared by the CLI and the server: load a trained model and generate text.
+
+`LanguageModel.generate` runs the continuous-batching engine (`generate.scheduler.Engine`) over its prompts,
+the same engine `gptforge serve` drives request by request (`serve.app.create_app(lm, settings)`).
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gptforge.generate.engine as engine
+import gptforge.generate.scheduler as scheduler
 import gptforge.model.linear as linear_module
 from gptforge.generate.sampling import SamplingParams
 from gptforge.model.gpt import GPT
@@ -77,7 +78,7 @@ class _Recorder(KVCache):
 
 
 def test_cache_holds_only_the_slots_a_call_uses(tiny_cfg, monkeypatch):
-    monkeypatch.setattr(engine, "KVCache", _Recorder)
+    monkeypatch.setattr(scheduler, "KVCache", _Recorder)
     model = GPT(tiny_cfg).eval()
     _Recorder.made.clear()
     events = list(engine.iter_tokens(model, [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4, temperature=0),
@@ -86,6 +87,7 @@ def test_cache_holds_only_the_slots_a_call_uses(tiny_cfg, monkeypatch):
     cache = _Recorder.made[-1]
     # 3 prompt slots + 3 fed-back tokens (the 4th is never fed back): 1 prefill + 3 single-token forwards
     assert cache.capacity == 6 and cache.length == 6 and cache.forwards == 4
+    assert cache.row_lengths == [6, 5]  # each row holds its own prompt and fed-back tokens
     assert list(engine.iter_tokens(model, [[1]], SamplingParams(max_new_tokens=0), eot_id=-1)) == []
     # a call that outgrows the window gets the whole window, and slides
     list(engine.iter_tokens(model, [[1, 2]], SamplingParams(max_new_tokens=30, temperature=0), eot_id=-1))

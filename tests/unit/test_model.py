@@ -78,14 +78,15 @@ def test_kv_cache_matches_full_forward(tiny_cfg, variant):
         model(tokens[:, :1], kv_cache=cache)
 
 
-def test_kv_cache_with_left_padding_matches_unpadded_rows(tiny_cfg):
+def test_kv_cache_rows_of_different_lengths_match_unpadded_rows(tiny_cfg):
     model = GPT(dataclasses.replace(tiny_cfg, attention_pattern="dense,local", local_window=3)).eval()
     short, long = torch.randint(0, 256, (1, 4)), torch.randint(0, 256, (1, 9))
-    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], 1), long])  # right padding
     cache = _cache(model, 2)
-    cache.reset(torch.tensor([5, 0]))
+    cache.select(takes=[4, 9])  # each row has its own length: 4 and 9 real tokens
     logits = model(batch, kv_cache=cache)
-    torch.testing.assert_close(logits[0, 5:], model(short)[0], rtol=0, atol=1e-5)
+    assert cache.row_lengths == [4, 9]
+    torch.testing.assert_close(logits[0, :4], model(short)[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[1], model(long)[0], rtol=0, atol=1e-5)
     nxt = torch.tensor([[7], [8]])
     step = model(nxt, kv_cache=cache)[:, -1]

@@ -117,7 +117,8 @@ class GPT(nn.Module):
 
         Args:
             tokens: (B, T) int64 token ids, T <= context_length (with a cache: T new tokens that fit in it).
-            kv_cache: optional cache for incremental decoding; it is read, extended and advanced by T.
+            kv_cache: optional cache for incremental decoding; it gives each row's positions and attention
+                mask (rows may differ in length), and is read, extended and advanced.
 
         Returns:
             hidden (B, T, D) in the parameter dtype (or the autocast dtype).
@@ -132,9 +133,7 @@ class GPT(nn.Module):
                 raise GptforgeError(f"input has {T} tokens; the model's context_length is {self.cfg.context_length}")
             positions = torch.arange(T, device=tokens.device)  # (T,)
         else:
-            if kv_cache.length + T > kv_cache.capacity:
-                raise GptforgeError(f"KV cache has {kv_cache.capacity - kv_cache.length} free slots, got {T} tokens")
-            positions = kv_cache.positions(T)  # (B, T)
+            positions = kv_cache.positions(T)  # (B, T), per row; raises GptforgeError when a row is full
             masks = {w: kv_cache.attn_mask(T, w) for w in set(self.windows)}
         x = self.drop(self.wte(tokens) + self.wpe(positions))  # (B, T, D)
         group = self.cfg.shared_layer_group
