@@ -17,7 +17,7 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order of `gptforge --help`.
-COMMAND_MODULES = ("data", "train", "generate", "tools")
+COMMAND_MODULES = ("data", "train", "eval", "generate", "tools")
 
 
 def build_parser() -> argparse.ArgumentParser:
