@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -37,7 +38,8 @@ class GptforgeLM(LM):
         path: run or checkpoint directory (`--model_args path=RUN_DIR`).
         lm: a loaded `gptforge.api.LanguageModel` instead of `path`.
         batch_size: continuations per forward pass; lm-eval passes its `--batch_size` ("auto" means 32).
-        device: where to load the model (cpu, cuda, ...).
+        device: where to load the model (cpu, cuda, ...); lm-eval's default "cuda" falls back to the CPU when
+            no GPU is present.
     """
 
     def __init__(self, path: str | None = None, lm=None, batch_size: int | str | None = 32, device: str | None = None,
@@ -49,6 +51,8 @@ class GptforgeLM(LM):
 
             if not path:
                 raise GptforgeError("the gptforge lm-eval model needs --model_args path=RUN_DIR")
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm-eval's CLI passes --device cuda by default, also on machines without one
             lm = gptforge.load(path, device=device or "cpu")
         self.lm = lm
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 32

@@ -169,11 +169,11 @@ def read_piqa(root: Path, rels: tuple[str, str]) -> list[Doc]:
     path = root / rels[0]
     expected = 'PIQA JSONL {"goal", "sol1", "sol2"} with a line-aligned labels file of 0/1'
     recs = _jsonl(path, expected)
+    items = [(_get(rec, "goal", str, path, n, expected), [_get(rec, k, str, path, n, expected)
+                                                          for k in ("sol1", "sol2")]) for n, rec in enumerate(recs, 1)]
     labels = _labels(root / rels[1], len(recs), ("0", "1"))
     docs = []
-    for n, (rec, label) in enumerate(zip(recs, labels), 1):
-        goal, sols = _get(rec, "goal", str, path, n, expected), [_get(rec, k, str, path, n, expected)
-                                                                  for k in ("sol1", "sol2")]
+    for n, ((goal, sols), label) in enumerate(zip(items, labels), 1):
         docs.append(Doc(str(n - 1), {"goal": goal, "sol1": sols[0], "sol2": sols[1], "label": int(label)},
                         f"{goal} {sols[int(label)]}"))
     return docs
@@ -185,12 +185,13 @@ def read_winogrande(root: Path, rels: tuple[str, str]) -> list[Doc]:
     path = root / rels[0]
     expected = 'WinoGrande JSONL {"qID", "sentence" (one "_"), "option1", "option2"} with a labels file of 1/2'
     recs = _jsonl(path, expected)
+    for n, rec in enumerate(recs, 1):
+        if _get(rec, "sentence", str, path, n, expected).count("_") != 1:
+            raise GptforgeError(f"{path}:{n}: the sentence must hold exactly one '_' blank; expected {expected}")
     labels = _labels(root / rels[1], len(recs), ("1", "2"))
     docs = []
     for n, (rec, label) in enumerate(zip(recs, labels), 1):
-        sentence = _get(rec, "sentence", str, path, n, expected)
-        if sentence.count("_") != 1:
-            raise GptforgeError(f"{path}:{n}: the sentence must hold exactly one '_' blank; expected {expected}")
+        sentence = rec["sentence"]
         opts = [_get(rec, k, str, path, n, expected) for k in ("option1", "option2")]
         gold = int(label) - 1
         docs.append(Doc(str(rec.get("qID") or n - 1), {"sentence": sentence, "option1": opts[0],
