@@ -14,6 +14,15 @@ from gptforge.model.gpt import GPT
 from gptforge.model.loss import IGNORE_INDEX, continuation_scores, target_logprobs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(**kw) -> GPT:
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=60, context_length=24, **kw)).eval()

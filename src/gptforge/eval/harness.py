@@ -46,8 +46,10 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def _mean_stderr(values: list[float]) -> tuple[float, float | None]:
+def _mean_stderr(values: list[float]) -> tuple[float | None, float | None]:
     n = len(values)
+    if n == 0:
+        return None, None
     mean = sum(values) / n
     if n < 2:
         return mean, None
@@ -146,16 +148,16 @@ def _aggregate(task: str, protocol: str, records: list[dict]) -> dict[str, dict[
     elif task in ("lambada", "winogrande"):  # winogrande: partial scoring, one shared continuation
         names = ["acc"]
     else:
-        names = [m for m in ("acc", "acc_token_norm", "acc_norm", "acc_uncond") if records and m in
-                 records[0]["correct"]]
+        names = ["acc", "acc_token_norm", "acc_norm"] + (["acc_uncond"] if task.startswith("arc") and
+                                                          protocol == "gpt3" else [])
     for name in names:
         if name == "perplexity":
             continue
         value, se = _mean_stderr([r["correct"][name] for r in records])
         metrics[name] = {"value": value, "stderr": se}
-    if task == "lambada" and records:
+    if task == "lambada":
         mean_ll, se = _mean_stderr([r["correct"]["loglikelihood"] for r in records])
-        ppl = math.exp(-mean_ll)
+        ppl = None if mean_ll is None else math.exp(-mean_ll)
         metrics["perplexity"] = {"value": ppl, "stderr": None if se is None else ppl * se}
     return metrics
 

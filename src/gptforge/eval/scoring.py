@@ -75,35 +75,34 @@ def packed_hidden(model: torch.nn.Module, tokens: torch.Tensor, positions: torch
 
 
 def _batch_tensors(groups: Sequence[Group], device: torch.device):
-    """Pack groups into padded (B, T) tokens/positions/segments and the flat scored positions."""
+    """Pack groups into padded (B, T) tokens/positions, the (B, T, T) attention mask and the flat scored
+    positions with their targets and continuation index."""
     T = max(g.packed_length for g in groups)
-    tokens = torch.zeros(len(groups), T, dtype=torch.long)
-    positions = torch.zeros(len(groups), T, dtype=torch.long)
-    segments = torch.full((len(groups), T), -1, dtype=torch.long)  # -1 padding, 0 context, i+1 choice i
+    tokens, positions, segments = [], [], []  # segments: -1 padding, 0 context, i+1 choice i
     gather, targets, owner = [], [], []
     n_conts = 0
     for b, g in enumerate(groups):
         n_ctx = len(g.context)
-        tokens[b, :n_ctx] = torch.tensor(g.context)
-        positions[b, :n_ctx] = torch.arange(n_ctx)
-        segments[b, :n_ctx] = 0
-        start = n_ctx
+        row, pos, seg = list(g.context), list(range(n_ctx)), [0] * n_ctx
         for i, cont in enumerate(g.continuations):
             body = cont[:-1]
-            end = start + len(body)
-            tokens[b, start:end] = torch.tensor(body, dtype=torch.long)
-            positions[b, start:end] = torch.arange(n_ctx, n_ctx + len(body))
-            segments[b, start:end] = i + 1
-            gather += [b * T + n_ctx - 1] + [b * T + p for p in range(start, end)]
+            gather += [b * T + n_ctx - 1] + [b * T + p for p in range(len(row), len(row) + len(body))]
+            row += body
+            pos += range(n_ctx, n_ctx + len(body))
+            seg += [i + 1] * len(body)
             targets += cont
             owner += [n_conts] * len(cont)
             n_conts += 1
-            start = end
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    allowed = (positions[:, None, :] <= positions[:, :, None]) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k >= 0)
+        pad = T - len(row)
+        tokens.append(row + [0] * pad)
+        positions.append(pos + [0] * pad)
+        segments.append(seg + [-1] * pad)
+    positions_t, segments_t = torch.tensor(positions), torch.tensor(segments)
+    seg_q, seg_k = segments_t[:, :, None], segments_t[:, None, :]
+    allowed = (positions_t[:, None, :] <= positions_t[:, :, None]) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k >= 0)
     allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows see themselves (no empty softmax)
     to = {"device": device}
-    return (tokens.to(**to), positions.to(**to), allowed.to(**to), torch.tensor(gather, **to),
+    return (torch.tensor(tokens, **to), positions_t.to(**to), allowed.to(**to), torch.tensor(gather, **to),
             torch.tensor(targets, **to), torch.tensor(owner, **to), n_conts)
 
 
