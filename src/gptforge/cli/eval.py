@@ -46,11 +46,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    clean_only=args.clean_only, progress=not args.quiet)
         print(format_table(report))
     if args.perplexity:
-        from gptforge.eval.harness import model_checksum
+        from gptforge.eval.harness import model_info
         from gptforge.eval.perplexity import perplexity
 
-        report.setdefault("model", {"checkpoint": str(lm.checkpoint), "sha256": model_checksum(lm.model),
-                                    "config": lm.config.to_dict()})
+        report.setdefault("model", model_info(lm))
         report["perplexity"] = {}
         for name, text in texts.items():
             result = perplexity(lm.model, lm.tokenizer, text, stride=args.stride, batch_size=args.batch_size,

@@ -67,6 +67,24 @@ def model_checksum(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def checkpoint_checksum(lm) -> tuple[str, str]:
+    """(sha256 hex, what it is of): the checkpoint's model.safetensors as recorded in its state.json (verified
+    when the checkpoint was loaded, so free here), else the in-memory parameters (`model_checksum`)."""
+    ckpt = getattr(lm, "checkpoint", None)
+    try:
+        digest = json.loads((Path(ckpt) / "state.json").read_text(encoding="utf-8"))["files"]["model.safetensors"]
+        return digest, f"{Path(ckpt) / 'model.safetensors'}"
+    except (TypeError, OSError, KeyError, ValueError):
+        return model_checksum(lm.model), "parameters in memory"
+
+
+def model_info(lm) -> dict[str, Any]:
+    """The "model" entry of the JSON report: checkpoint path, sha256 (and of what), config."""
+    digest, source = checkpoint_checksum(lm)
+    return {"checkpoint": str(getattr(lm, "checkpoint", "")), "sha256": digest, "sha256_of": source,
+            "config": lm.config.to_dict() if hasattr(lm.config, "to_dict") else None}
+
+
 def read_clean_ids(path: str | Path) -> dict[str, set[str]]:
     """The `{"task": [clean item ids...]}` JSON of `--clean_only`; raises GptforgeError if malformed."""
     try:
@@ -294,6 +312,5 @@ def evaluate(model_or_run_dir, tasks: str | Sequence[str], shots: int | str | Se
                                     limit=limit, clean_ids=ids, progress=progress))
     return {"protocol": protocol, "seed": seed, "clean_only": None if clean_only is None else str(clean_only),
             "data_dir": str(root), "batch_size": batch_size, "limit": limit,
-            "model": {"checkpoint": str(getattr(lm, "checkpoint", "")), "sha256": model_checksum(lm.model),
-                      "config": lm.config.to_dict() if hasattr(lm.config, "to_dict") else None},
+            "model": model_info(lm),
             "results": results}
