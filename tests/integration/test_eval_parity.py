@@ -209,3 +209,51 @@ def test_lm_eval_command_line_finds_the_gptforge_model(run_dir, include_dir, tmp
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"local_piqa\s*\|.*\|acc\s*\|", proc.stdout), proc.stdout[-2000:]
+
+
+def test_adapter_rolling_and_generation(run_dir):
+    from lm_eval.api.instance import Instance
+
+    from gptforge.eval.lm_eval import GptforgeLM
+    from gptforge.eval.perplexity import rolling_nll
+
+    lm = gptforge.load(run_dir)
+    adapter = GptforgeLM(lm=lm)
+    text = (ASSETS / "wikitext-2" / "wiki.test.tokens").read_text(encoding="utf-8")[:3000]
+    rolling = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    seq = [lm.tokenizer.eot_id] + lm.tokenizer.encode(text)
+    assert len(seq) > 2 * 128 and rolling[0] == pytest.approx(-rolling_nll(lm.model, seq, stride=128), rel=1e-9)
+    out = adapter.generate_until([Instance("generate_until", {}, ("The game", {"until": ["\n"], "max_gen_toks": 20}),
+                                           0)])
+    expected = lm.generate("The game", max_new_tokens=20, temperature=0.0, stop=("\n",))
+    assert out == [expected.split("\n")[0]] and "\n" not in out[0]
+
+
+@pytest.mark.slow  # a 124M model: ~1 minute to build, save, import and score
+def test_gpt2_shape_from_transformers_scores_like_transformers(run_dir, hf_dir, tmp_path):
+    """OpenAI's gpt2 shape (12 layers, d_model 768, context 1024, vocab 50257), initialised by transformers
+    and saved locally, imported with `gptforge import`: per-choice log-likelihoods equal transformers'."""
+    import shutil
+
+    from gptforge.checkpoint.convert import import_hf
+
+    lm_small = gptforge.load(run_dir)
+    src = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    eot = lm_small.tokenizer.eot_id
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=eot, eos_token_id=eot)).eval()
+    hf.save_pretrained(str(src))
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(hf_dir / name, src / name)
+    import_hf(src, tmp_path / "run")
+    report = gptforge.evaluate(tmp_path / "run", ["hellaswag", "piqa"], 1, data_dir=ASSETS, limit=3)
+    lm = gptforge.load(tmp_path / "run")
+    worst = 0.0
+    for item in (s for r in report["results"] for s in r["samples"]):
+        for choice, ll in zip(item["choices"], item["loglikelihoods"]):
+            ctx, cont = split_pair(lm.tokenizer, item["prompt"], choice, "gpt3")
+            ids = torch.tensor([list(ctx) + list(cont)])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids[:, :-1]).logits.float(), dim=-1)[0]
+            worst = max(worst, abs(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)) - ll))
+    assert worst < 1e-4, worst

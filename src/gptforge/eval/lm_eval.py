@@ -103,7 +103,11 @@ class GptforgeLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             sample = bool(kwargs.get("do_sample", False))
-            text = self.lm.generate(context, max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+            max_new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.window // 2))
+            ids = self.lm.tokenizer.encode(context)
+            if len(ids) + max_new > self.window:  # keep the end of an over-long prompt, as lm-eval's hf does
+                context = self.lm.tokenizer.decode(ids[-(self.window - max_new):])
+            text = self.lm.generate(context, max_new_tokens=max_new,
                                     temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
                                     stop=tuple(until), seed=0)
             for stop in until:
