@@ -180,6 +180,20 @@ def _aggregate(task: str, protocol: str, records: list[dict]) -> dict[str, dict[
     return metrics
 
 
+def _demo_lengths(task: str, shots: list[Doc], tokenizer, protocol: str, window: int,
+                  cache: dict[str, int]) -> list[int]:
+    """Token count of each demonstration alone (cached by id; an unencodable one counts as too long)."""
+    from gptforge.eval.prompts import format_item
+
+    for s in shots:
+        if s.id not in cache:
+            try:
+                cache[s.id] = len(tokenizer.encode(format_item(task, s, protocol, few_shot=True).demo))
+            except GptforgeError:
+                cache[s.id] = window + 1
+    return [cache[s.id] for s in shots]
+
+
 def run_task(lm, task: str, k: int, *, root: Path, protocol: str, seed: int, batch_size: int,
              limit: int | None, clean_ids: set[str] | None, progress: bool) -> dict[str, Any]:
     """Evaluate one task at K shots; returns its result dict, with per-item records under "samples"."""
@@ -195,24 +209,12 @@ def run_task(lm, task: str, k: int, *, root: Path, protocol: str, seed: int, bat
     if k:
         check_shots(task, k, len(pool), same_split=same_split, note=spec.shots_note)
     window = lm.config.model.context_length
-    demo_len: dict[str, int] = {}
-
-    def lengths(shots: list[Doc]) -> list[int]:
-        for s in shots:
-            if s.id not in demo_len:
-                from gptforge.eval.prompts import format_item
-
-                try:
-                    demo_len[s.id] = len(lm.tokenizer.encode(format_item(task, s, protocol, few_shot=True).demo))
-                except GptforgeError:
-                    demo_len[s.id] = window + 1  # unencodable: never fits
-        return [demo_len[s.id] for s in shots]
-
+    cache: dict[str, int] = {}
     plans = []
     for doc in docs:
         shots = draw_shots(task, doc, pool, k, seed, same_split=same_split)
         plans.append(plan_item(task, doc, shots, lm.tokenizer, protocol=protocol, window=window,
-                               demo_lengths=lengths(shots)))
+                               demo_lengths=_demo_lengths(task, shots, lm.tokenizer, protocol, window, cache)))
     scored = [p for p in plans if p.skipped is None]
     groups: list[Group] = []
     where = [_groups_of(p, groups) for p in scored]
