@@ -106,3 +106,13 @@ def test_char_level_vocabulary_skips_what_it_cannot_encode():
     plan = plan_item("arc_easy", doc, [], full, protocol="gpt3", window=512)
     assert plan.skipped is None and [len(x) for _, x in plan.pairs] == \
         [len(" " + c) for c in doc.fields["choices"]]
+
+
+def test_unconditional_pairs_fit_the_window_too(bpe):
+    doc = read_split("arc_easy", "eval", ASSETS)[0]
+    zero = plan_item("arc_easy", doc, [], bpe, protocol="gpt3", window=100_000)
+    longest = max(len(x) for _, x in zero.unconditional)
+    plan = plan_item("arc_easy", doc, [], bpe, protocol="gpt3", window=longest)
+    assert plan.skipped is None
+    assert all(len(c) >= 1 and len(c) + len(x) - 1 <= longest for c, x in plan.unconditional + plan.pairs)
+    assert "longer than" in plan_item("arc_easy", doc, [], bpe, protocol="gpt3", window=longest - 1).skipped

@@ -107,7 +107,11 @@ def plan_item(task: str, doc: Doc, shots: list[Doc], tokenizer, *, protocol: str
     demos = [format_item(task, s, protocol, few_shot=True).demo for s in shots]
     try:
         zero = tuple(split_pair(tokenizer, c, x, protocol) for c, x in zip(prompt.contexts, prompt.continuations))
-        plan.unconditional = tuple(split_pair(tokenizer, c, x, protocol) for c, x in prompt.unconditional)
+        uncond = tuple(split_pair(tokenizer, c, x, protocol) for c, x in prompt.unconditional)
+        if any(len(x) > window for _, x in zero + uncond):
+            plan.skipped = f"a continuation is longer than the {window}-token window"
+            return plan
+        plan.unconditional = tuple((c[-(window + 1 - len(x)):], x) for c, x in uncond)
         base = max(len(c) + len(x) - 1 for c, x in zero)
         for k in range(len(demos), -1, -1):
             if k and demo_lengths is not None and base + sum(demo_lengths[:k]) > window + 8 + 4 * k:
@@ -116,9 +120,6 @@ def plan_item(task: str, doc: Doc, shots: list[Doc], tokenizer, *, protocol: str
             pairs = zero if not k else tuple(split_pair(tokenizer, prefix + c, x, protocol)
                                              for c, x in zip(prompt.contexts, prompt.continuations))
             if k == 0 and not _fits(pairs, window):
-                if any(len(x) > window for _, x in pairs):
-                    plan.skipped = f"a continuation is longer than the {window}-token window"
-                    return plan
                 pairs = tuple((c[-(window + 1 - len(x)):], x) for c, x in pairs)
                 plan.truncated = True
             if _fits(pairs, window):
