@@ -103,15 +103,18 @@ class _Progress:
 
     def __init__(self, desc: str, n_items: int, n_groups: int, enabled: bool) -> None:
         self.bar = None
-        self.ratio = n_items / max(n_groups, 1)
+        self.n_items, self.n_groups, self.groups_done, self.items_shown = n_items, max(n_groups, 1), 0, 0
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=n_items, desc=desc, unit="item", leave=False, dynamic_ncols=True)
 
     def __call__(self, n_groups: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n_groups * self.ratio)
+        self.groups_done += n_groups
+        items = min(self.n_items, round(self.groups_done * self.n_items / self.n_groups))  # whole items, <= total
+        if self.bar is not None and items > self.items_shown:
+            self.bar.update(items - self.items_shown)
+        self.items_shown = max(items, self.items_shown)
 
     def close(self) -> None:
         if self.bar is not None:
