@@ -7,12 +7,13 @@ The public Python API is small:
     lm.model(tokens)                       # (B, T) int64 -> logits (B, T, vocab_size)
     lm.tokenizer.encode("text")
     lm.generate("def main(", max_new_tokens=50)
+    gptforge.evaluate("runs/demo", tasks="hellaswag,piqa", shots="0,1", data_dir="data/eval")
 """
 
 from gptforge.errors import GptforgeError
 
 __version__ = "0.1.0"
-__all__ = ["GptforgeError", "load", "__version__"]
+__all__ = ["GptforgeError", "evaluate", "load", "__version__"]
 
 
 def load(path, *, device: str = "cpu"):
@@ -20,3 +21,10 @@ def load(path, *, device: str = "cpu"):
     from gptforge.api import load as _load
 
     return _load(path, device=device)
+
+
+def evaluate(model_or_run_dir, tasks, shots=0, **kwargs):
+    """Zero/few-shot evaluation; see `gptforge.eval.harness.evaluate` (imported lazily)."""
+    from gptforge.eval.harness import evaluate as _evaluate
+
+    return _evaluate(model_or_run_dir, tasks, shots, **kwargs)

@@ -61,3 +61,28 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, safe).squeeze(-1)  # (B, T)
     is_greedy = logits.gather(-1, safe).squeeze(-1) >= logits.amax(dim=-1)
     return logprobs.masked_fill(~scored, 0.0), is_greedy | ~scored
+
+
+def continuation_scores(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor,
+                        n_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total log-likelihood of each continuation and whether all of its tokens are greedy.
+
+    The scored positions of many continuations arrive flattened; `segments` says which continuation each
+    belongs to (evaluation packs the continuations of several items into one forward pass).
+
+    Args:
+        logits: (N, V) any float dtype, the logits at the N positions that predict a continuation token.
+        targets: (N,) int64, the continuation tokens those positions predict.
+        segments: (N,) int64 in [0, n_segments), the continuation each position belongs to.
+        n_segments: the number of continuations S.
+
+    Returns:
+        (logprob_sum (S,) float64 in nats, all_greedy (S,) bool); a continuation with no positions gets 0 and
+        True.
+    """
+    logprobs, is_greedy = target_logprobs(logits[None], targets[None])  # (1, N) each
+    total = torch.zeros(n_segments, dtype=torch.float64, device=logits.device)
+    total.index_add_(0, segments, logprobs[0].double())
+    misses = torch.zeros(n_segments, dtype=torch.int64, device=logits.device)
+    misses.index_add_(0, segments, (~is_greedy[0]).long())
+    return total, misses == 0
