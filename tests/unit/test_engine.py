@@ -100,3 +100,15 @@ def test_eot_ends_generation(tiny_cfg, byte_tokenizer):
 def test_over_long_prompt_is_a_clear_error(byte_model):
     with pytest.raises(GptforgeError, match="prompt 0 has 17 tokens; the model's context_length is 16"):
         next(iter_tokens(byte_model, [[1] * 17], SamplingParams(), eot_id=256))
+
+
+def test_empty_prompt_starts_from_end_of_text(byte_model):
+    """An empty prompt is fed as one end-of-text token; its KV slot is reserved too (it used to be missing, so a
+    long empty-prompt generation ran out of cache: `gptforge demo` on a custom corpus crashed this way)."""
+    params = SamplingParams(max_new_tokens=16, temperature=0)  # 1 + 16 - 1: every slot of the 16-token context
+    # an end-of-text id the model does not generate after itself, so the rows run all 16 tokens
+    eot, reference = next((e, ref) for e in range(256) if e not in (ref := _reference_greedy(byte_model, [e], 16,
+                                                                                               keep=12)))
+    for prompt in ([], [eot]):  # one at a time: the cache is sized to the row's own reservation
+        got = [tok for events in iter_tokens(byte_model, [prompt], params, eot_id=eot) for _, tok in events]
+        assert got == reference

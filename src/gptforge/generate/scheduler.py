@@ -107,7 +107,8 @@ class Sequence:
 
     def reservation(self, context_length: int) -> int:
         """KV slots this request can fill: its prompt and every new token but the last (never fed back)."""
-        return min(context_length, max(len(self.prompt), len(self.prompt) + self.params.max_new_tokens - 1))
+        prompt = max(len(self.prompt), 1)  # an empty prompt is fed as one end-of-text token
+        return min(context_length, max(prompt, prompt + self.params.max_new_tokens - 1))
 
 
 class Engine:
