@@ -73,6 +73,19 @@ def test_generate_seeded_and_batched(trained_run):
     assert a == b and a.count("-" * 40) == 1
 
 
+def test_generate_stop_strings_both_forms(trained_run):
+    """`--stop A B` and `--stop A --stop B` are the same two stop strings; the output ends before the first one."""
+    run_dir = trained_run / "run"
+    lm = gptforge.load(run_dir)
+    free = lm.generate("ROMEO:", max_new_tokens=40, temperature=0)
+    first, second = free[3:5], free[10:12]  # two pieces of text the greedy continuation contains
+    cut = min(free.index(first), free.index(second))
+    base = ["generate", run_dir, "--prompt", "ROMEO:", "--max_new_tokens", 40, "--temperature", 0]
+    one_flag = run(*base, "--stop", second, first).stdout
+    two_flags = run(*base, "--stop", first, "--stop", second).stdout
+    assert one_flag == two_flags == "ROMEO:" + free[:cut] + "\n"
+
+
 @pytest.mark.parametrize("args,message", [
     (["prepare", "--corpus", "/no/such/file.txt", "--out", "{tmp}/d", "--quiet"], "corpus not found"),
     (["prepare", "--corpus", "{tmp}/empty.txt", "--out", "{tmp}/d", "--quiet"], "empty"),

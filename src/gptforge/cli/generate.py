@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--top_k", type=int, default=0, help="0 means off")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0 means off")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 means off")
-    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    p.add_argument("--stop", action="extend", nargs="+", metavar="TEXT",
+                   help="stop strings (--stop A B, or --stop A --stop B); not included in the output")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (cpu)")
