@@ -183,13 +183,10 @@ def load_task_items(tasks: list[str] | None, data_dir: str | None) -> list[tuple
     """(task, item id, text) of every evaluated item of `tasks` (default: all), read by `gptforge.eval.tasks`.
 
     Raises:
-        GptforgeError: the evaluation task readers are not installed, an unknown task, or a missing file.
+        GptforgeError: an unknown task, or a missing file.
     """
-    try:
-        from gptforge.eval.tasks import TASKS, data_dir_from, read_split
-    except ImportError:
-        raise GptforgeError("the contamination check reads benchmark items with gptforge.eval.tasks (the "
-                            "evaluation task readers), which this installation lacks") from None
+    from gptforge.eval.tasks import TASKS, data_dir_from, read_split
+
     root = data_dir_from(data_dir)
     return [(name, doc.id, doc.text) for name in (tasks or list(TASKS)) for doc in read_split(name, "eval", root)]
 
