@@ -250,6 +250,19 @@ def _train_fsdp(row: Row, cfg: Config, *, device, micro_batch, checkpointing: bo
     row.note = f"built and sharded in {built_s:.0f} s" + (f"; {row.note}" if row.note else "")
 
 
+def _try_fsdp(row: Row, cfg: Config, *, device, **kw) -> bool:
+    """`_train_fsdp`, with a failure written into the row; True to stop trying candidates (it trained, or failed
+    for a reason other than running out of memory), False to go on with a smaller one."""
+    try:
+        _train_fsdp(row, cfg, device=device, **kw)
+        return True
+    except Exception as exc:
+        row.note = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        return not is_oom(exc)
+    finally:
+        release(device)
+
+
 def phase_xl(cfg: Config, name: str, *, device, memory_gib, budget, **kw) -> list[Row]:
     """Phase 2: `name` (gpt3-xl) with FSDP2 and no activation checkpointing, built on the meta device; the
     largest micro-batch (8, 4, 2, 1) the planner says fits, smaller after an out-of-memory error."""
@@ -261,15 +274,8 @@ def phase_xl(cfg: Config, name: str, *, device, memory_gib, budget, **kw) -> lis
         row = Row("2", name, count_parameters(cfg.model), "FSDP2 (meta build), bf16 params", b,
                   cfg.model.context_length, planned_gib=planned.total_bytes / GIB)
         rows.append(row)
-        try:
-            _train_fsdp(row, cfg, device=device, micro_batch=b, checkpointing=False, meta=True, budget=budget, **kw)
+        if _try_fsdp(row, cfg, device=device, micro_batch=b, checkpointing=False, meta=True, budget=budget, **kw):
             return rows
-        except Exception as exc:
-            row.note = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-            if not is_oom(exc):
-                return rows
-        finally:
-            release(device)
     return rows
 
 
@@ -286,15 +292,8 @@ def phase_fsdp(configs: dict[str, Config], *, device, memory_gib, budget, **kw) 
         if budget.left_s() < 20:
             row.note = "skipped: time budget spent"
             break
-        try:
-            _train_fsdp(row, cfg, device=device, micro_batch=b, budget=budget, **kw)
+        if _try_fsdp(row, cfg, device=device, micro_batch=b, budget=budget, **kw):
             return rows
-        except Exception as exc:
-            row.note = "out of memory" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-            if not is_oom(exc):
-                return rows
-        finally:
-            release(device)
     return rows
 
 

@@ -69,6 +69,16 @@ def byte_tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (tiny models: as fast, and immune to OpenMP stalls on a busy
+    shared CPU); the previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Keep the tests' measured-peak cache (and downloads) out of the user's ~/.cache/gptforge; CLI subprocesses

@@ -34,13 +34,7 @@ lm_eval = pytest.importorskip("lm_eval")
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "eval"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = ("hellaswag", "arc_easy", "piqa", "winogrande")
 
 

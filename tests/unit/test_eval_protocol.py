@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptforge.errors import GptforgeError
 from gptforge.eval.prompts import SHOT_SEPARATOR
@@ -14,13 +13,7 @@ from gptforge.tokenizer import CharTokenizer, train_bpe
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "eval"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

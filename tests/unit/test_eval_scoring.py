@@ -13,14 +13,7 @@ from gptforge.eval.scoring import Group, batches, packed_hidden, score_groups
 from gptforge.model.gpt import GPT
 from gptforge.model.loss import IGNORE_INDEX, continuation_scores, target_logprobs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to OpenMP stalls on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**kw) -> GPT:
