@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 NANOGPT = "https://github.com/karpathy/nanoGPT.git"
 NANOGPT_CONFIG = """\
 out_dir = {out!r}
@@ -100,9 +102,14 @@ def main() -> None:
                     "--quiet"], check=True, env=env, capture_output=True)
     ref_data = ref / "data" / "gptforge_char"
     ref_data.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        (ref_data / f"{split}.bin").symlink_to(data / f"{split}.bin")
-    vocab_size = int(__import__("json").loads((data / "meta.json").read_text())["vocab_size"])
+    # nanoGPT reads train.bin / val.bin: the same tokens, cut from gptforge's one shard at its train/val boundary
+    meta = __import__("json").loads((data / "meta.json").read_text())
+    (source,) = meta["sources"]
+    tokens = np.concatenate([np.fromfile(data / shard["file"], dtype=meta["dtype"]) for shard in source["shards"]])
+    n_train = source["tokens"]["train"]
+    tokens[:n_train].tofile(ref_data / "train.bin")
+    tokens[n_train:].tofile(ref_data / "val.bin")
+    vocab_size = int(meta["vocab_size"])
     (ref_data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab_size}))
     # Warm-ups: file caches, the peak-FLOP/s cache, Python bytecode of both.
     subprocess.run([*gptforge, "pretrain", "--preset", "shakespeare-char", "--data", str(data), "--out",
