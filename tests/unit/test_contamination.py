@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from gptforge.data import contamination
 from gptforge.data.contamination import find_contaminated, normalize, run_contamination, training_texts
 from gptforge.data.prepare import prepare
-from gptforge.errors import GptforgeError
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -81,9 +79,3 @@ def test_training_text_from_shards_across_chunks(tmp_path: Path, monkeypatch: py
     assert report["tasks"]["t"]["dirty_ids"] == ["inside"]
     assert json.loads(out.read_text()) == {"t": ["straddle", "clean"]}
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["t"]["dirty"] == 1
-
-
-def test_missing_eval_readers_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "gptforge.eval.tasks", None)  # as if the package were absent
-    with pytest.raises(GptforgeError, match="reads benchmark items with gptforge.eval.tasks"):
-        contamination.load_task_items(["hellaswag"], None)
