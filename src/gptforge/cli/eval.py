@@ -77,7 +77,7 @@ def register(sub) -> None:
                    "forward pass (32)")
     p.add_argument("--data_dir", default=None, help="folder of the eval sets (default: $GPTFORGE_EVAL_DATA)")
     p.add_argument("--protocol", default="gpt3",
-                   help="gpt3: the paper's formats and normalisations; lm-eval: lm-evaluation-harness's")
+                   help="gpt3: the paper's formats and normalisations; lm-eval: lm-evaluation-harness's (gpt3)")
     p.add_argument("--clean_only", default=None, help='JSON {"task": [item ids]}: evaluate only those items')
     p.add_argument("--out", default=None, help="write the results as JSON here (a new file)")
     p.add_argument("--samples", default=None, help="write one JSON line per item here (a new file)")

@@ -36,10 +36,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("run_dir", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts (batched)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts (batched); none: start from end-of-text")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per prompt (200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (0.8)")
-    p.add_argument("--top_k", type=int, default=0, help="0 means off")
+    p.add_argument("--top_k", type=int, default=0, help="keep the K most likely tokens; 0 means off (0)")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0 means off")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 means off")
     p.add_argument("--stop", action="extend", nargs="+", metavar="TEXT",

@@ -88,6 +88,6 @@ def register(sub) -> None:
     p.add_argument("--log_prompts", action="store_true", help="log prompts (never logged otherwise)")
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may go on before they are ended (30)")
-    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"], help="(info)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (cpu)")
     p.set_defaults(handler=cmd_serve, overrides=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     prompts = DEMO_PROMPTS.get(args.corpus, ["", "", ""])
     for prompt, text in zip(prompts, lm.generate(prompts, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)):
         print("-" * 60 + "\n" + prompt + text)
-    print("-" * 60 + f"\nrun directory: {out}\ntry: gptforge generate {out} --prompt \"{prompts[0]}\" --stream"
+    print("-" * 60 + f"\nrun directory: {out}\ntry: gptforge generate {out} --prompt {shlex.quote(prompts[0].strip())} --stream"
           f"\nserve it (OpenAI-compatible API and a playground on http://127.0.0.1:8000): gptforge serve {out}"
           f"\nthen: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
           f"-d '{json.dumps({'prompt': prompts[0], 'max_tokens': 40})}'")
