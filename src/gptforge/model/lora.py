@@ -76,6 +76,23 @@ def lora_a_std(in_features: int) -> float:
     return 1.0 / math.sqrt(3 * in_features)
 
 
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def with_lora_settings(base: ModelConfig, user: ModelConfig, *, source: str = "the initial checkpoint") -> ModelConfig:
+    """`base` (an initial checkpoint's architecture) with `user`'s lora_* fields on top: how `--init_from` /
+    `--init` runs take the architecture from the checkpoint and the adapters from the command line. Validate the
+    result with `config.validate` (LoRA needs dense attention, no shared layers).
+
+    Raises:
+        GptforgeError: `base` already has adapters (fold them in first with `gptforge merge`).
+    """
+    if base.lora_r:
+        raise GptforgeError(f"{source} has LoRA adapters (model.lora_r={base.lora_r}); fold them in first with: "
+                            "gptforge merge RUN --out NEW_RUN")
+    return dataclasses.replace(base, **{f: getattr(user, f) for f in LORA_FIELDS})
+
+
 def target_modules(cfg: ModelConfig, n_blocks: int) -> list[str]:
     """Module names (`blocks.0.attn.qkv`, ..., `lm_head`) adapted under `cfg`, in model order."""
     names = []
@@ -268,8 +285,7 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def plain_config(cfg: ModelConfig) -> ModelConfig:
     """`cfg` without LoRA: lora_r 0 and the other lora_* fields at their defaults."""
     defaults = ModelConfig()
-    return dataclasses.replace(cfg, **{f: getattr(defaults, f) for f in ("lora_r", "lora_alpha", "lora_dropout",
-                                                                          "lora_targets")})
+    return dataclasses.replace(cfg, **{f: getattr(defaults, f) for f in LORA_FIELDS})
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from gptforge.distributed.materialize import clean_named_parameters
 from gptforge.model.lora import (
     adapter_info,
     adapter_state,
@@ -50,7 +51,7 @@ def lora_hooks(trainable: tuple[str, ...] = ()) -> tuple[Callable[[nn.Module], N
         weights = Path(directory) / "model.safetensors"
         if not _is_sharded(model):
             tensors = adapter_state(model, trainable)
-            named = lambda: ((n, p) for n, p in model.named_parameters())  # noqa: E731
+            named = lambda: clean_named_parameters(model)  # noqa: E731  (names without wrapper segments)
         elif weights.is_file():
             from safetensors.torch import load_file
 

@@ -8,7 +8,6 @@ reconciled with the data's. Shards are read through memory maps; their checksums
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from gptforge.data.dataset import MixtureSource, WindowSource, validation_window
 from gptforge.data.shards import load_meta, open_sources, verify_checksums
 from gptforge.distributed.env import DistInfo
 from gptforge.errors import GptforgeError
+from gptforge.model.lora import with_lora_settings
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.adapters import lora_hooks
 from gptforge.train.loop import Task, TrainResult, train
 from gptforge.utils.logging import print0
-
-LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def _init_model_config(init_from: str, meta: dict, user: ModelConfig) -> ModelConfig:
@@ -31,15 +29,11 @@ def _init_model_config(init_from: str, meta: dict, user: ModelConfig) -> ModelCo
     pretraining with LoRA adapters); its vocabulary must match the data's tokenizer.
 
     Raises:
-        GptforgeError: a vocabulary mismatch, a checkpoint that itself has adapters (merge it first), or LoRA
-        settings the checkpoint's architecture does not allow (banded attention, shared layers).
+        GptforgeError: a vocabulary mismatch, or a checkpoint that itself has adapters (merge it first).
     """
     ckpt = find_checkpoint(init_from)
     model_cfg = config_from_dict(read_json(ckpt / "config.json")).model
-    if model_cfg.lora_r:
-        raise GptforgeError(f"train.init_from={init_from} has LoRA adapters (model.lora_r={model_cfg.lora_r}); "
-                            f"fold them in first with: gptforge merge {init_from} --out NEW_RUN")
-    model_cfg = dataclasses.replace(model_cfg, **{f: getattr(user, f) for f in LORA_FIELDS})
+    model_cfg = with_lora_settings(model_cfg, user, source=f"train.init_from={init_from}")
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise GptforgeError(f"train.init_from={init_from} has vocab_size {model_cfg.vocab_size} but the data was "
                             f"tokenized with vocab_size {meta['vocab_size']}; prepare the data with "
