@@ -205,3 +205,24 @@ def test_meta_build_and_materialize_equals_eager_build(tiny_cfg):
     assert torch.count_nonzero(b["blocks.0.attn.qkv.lora_B"]) == 0
     assert abs(b["blocks.0.mlp.proj.lora_A"].std().item() - 1 / (3 * 128) ** 0.5) < 0.01
     assert adapter_state(lazy).keys() == {k for k in b if "lora" in k}
+
+
+def test_training_hooks_write_the_same_adapter_files_under_activation_checkpointing(tiny_cfg, tmp_path):
+    from gptforge.distributed.parallelize import apply_activation_checkpointing
+    from gptforge.train.adapters import lora_hooks
+
+    cfg = lora_cfg(tiny_cfg, lora_targets="qkv,mlp_proj")
+    setup_model, save_extra = lora_hooks()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    setup_model(model)
+    apply_activation_checkpointing(model)  # inserts _checkpoint_wrapped_module into parameter names
+    materialize(model, torch.device("cpu"), seed=5)
+    randomize_b(model)
+    (tmp_path / "hook").mkdir()
+    save_extra(tmp_path / "hook")
+    plain = GPT(cfg)
+    plain.load_state_dict(model.state_dict())
+    save_adapter(plain, tmp_path / "plain")
+    for name in ("adapter.json", "adapter.safetensors"):
+        assert (tmp_path / "hook" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
