@@ -289,6 +289,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise GptforgeError(f"config: {name} must be a number, got {value!r}") from None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list for a comma-separated field (lora_targets, attention_pattern)
     if not isinstance(value, str):
         raise GptforgeError(f"config: {name} must be a string, got {value!r}")
     return value

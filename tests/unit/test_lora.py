@@ -226,3 +226,14 @@ def test_training_hooks_write_the_same_adapter_files_under_activation_checkpoint
     save_adapter(plain, tmp_path / "plain")
     for name in ("adapter.json", "adapter.safetensors"):
         assert (tmp_path / "hook" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_targets_from_yaml_list_and_cli_override(tmp_path):
+    from gptforge.config import load_config
+
+    path = tmp_path / "lora.yaml"
+    path.write_text("model:\n  lora_r: 8\n  lora_targets: [qkv, mlp_fc]\n")
+    cfg = load_config(preset="debug", path=path, overrides=[("lora_alpha", "32"), ("model.lora_dropout", "0.05")])
+    assert (cfg.model.lora_r, cfg.model.lora_targets, cfg.model.lora_alpha, cfg.model.lora_dropout) == \
+        (8, "qkv,mlp_fc", 32.0, 0.05)
+    assert cfg.model.lora_target_names() == ["qkv", "mlp_fc"]
