@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -135,10 +136,17 @@ def lora_missing_ok(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, _ in _clean_params(model) if is_adapter_param(n))
 
 
-def _clean_params(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    from gptforge.distributed.materialize import clean_name  # a name helper only; no parallelism here
+# Segments that wrappers insert into parameter names (activation checkpointing, torch.compile, DDP); the same list as
+# distributed/materialize.py's WRAPPER_SEGMENTS, repeated so that model/ imports nothing from distributed/.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
-    return ((clean_name(n), p) for n, p in model.named_parameters())
+
+def _clean_params(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    """`named_parameters` under the names an unwrapped model (and a checkpoint) uses."""
+    for name, p in model.named_parameters():
+        for segment in _WRAPPER_SEGMENTS:
+            name = name.replace(segment, "")
+        yield name, p
 
 
 def freeze_base(model: nn.Module, trainable: tuple[str, ...] = ()) -> tuple[int, int]:
@@ -230,10 +238,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from gptforge.checkpoint.io import read_json
-
     directory = Path(directory)
-    info = read_json(directory / ADAPTER_CONFIG)
+    try:
+        info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GptforgeError(f"cannot read {directory / ADAPTER_CONFIG}: {exc}") from None
     cfg = model.cfg
     for key in ("lora_r", "lora_alpha", "lora_targets"):
         if info.get(key) != getattr(cfg, key):
