@@ -24,7 +24,7 @@ from torch import nn
 
 from gptforge.errors import GptforgeError
 
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")  # also in model/lora.py
 
 
 def clean_name(name: str) -> str:
