@@ -136,6 +136,16 @@ def test_init_from_a_lora_run_asks_to_merge_first(char_data, lora_run, tmp_path)
     assert proc.returncode == 2 and "gptforge merge" in proc.stderr
 
 
+def test_an_init_from_run_resumes_with_its_own_command_line(char_data, base_run, tmp_path):
+    """The architecture of an `--init_from` run is the initial checkpoint's: model fields on the command line that
+    differ from it (here --dropout) must not make `--resume` refuse the run's own command."""
+    args = [*LORA, "--dropout", "0.1", "--init_from", base_run, "--data", char_data, "--out", tmp_path / "run",
+            "--quiet"]
+    cli("pretrain", *args, "--max_steps", "7", check=True)
+    cli("pretrain", *args, "--max_steps", "9", "--resume", check=True)
+    assert find_resume_checkpoint(tmp_path / "run").name == "step_00000009"
+
+
 @pytest.mark.slow  # about 55 s on 2 cores: two 40-step runs plus the resumed one
 def test_sigkill_then_resume_of_a_lora_run_is_bitwise_identical(char_data, base_run, tmp_path):
     args = [*LORA, "--max_steps", "40", "--lora_dropout", "0.1", "--init_from", base_run,

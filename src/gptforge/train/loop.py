@@ -156,8 +156,12 @@ def train(cfg: Config, make_task: TaskFactory, run_dir: str | Path, *, progress:
 
 
 def _resume_model_config(cfg: Config, ckpt: Path):
-    """The checkpoint's architecture; the run's config may not change it (vocab_size is data-derived)."""
+    """The checkpoint's architecture; the run's config may not change it (vocab_size is data-derived). A run
+    started from `train.init_from` took its architecture from that checkpoint, not from the config, so the same
+    command line resumes it."""
     saved = config_from_dict(read_json(ckpt / "config.json")).model
+    if cfg.train.init_from:
+        return saved
     for f in dataclasses.fields(saved):
         mine, theirs = getattr(cfg.model, f.name), getattr(saved, f.name)
         if f.name != "vocab_size" and mine != theirs:
