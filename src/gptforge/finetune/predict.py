@@ -11,11 +11,9 @@ from pathlib import Path
 
 import torch
 
-from gptforge.checkpoint.io import find_checkpoint, load_checkpoint, read_json
+from gptforge.checkpoint.io import find_checkpoint, load_checkpoint, load_labels
 from gptforge.errors import GptforgeError
 from gptforge.finetune.source import Row, collate
-
-LABELS_FILE = "labels.json"
 
 
 @dataclass
@@ -23,14 +21,6 @@ class Prediction:
     label: str
     probability: float
     probabilities: dict[str, float]
-
-
-def load_labels(ckpt: Path) -> list[str]:
-    """The class names of a classification checkpoint (its labels.json, else the run directory's)."""
-    for candidate in (ckpt / LABELS_FILE, ckpt.parent.parent / LABELS_FILE):
-        if candidate.is_file():
-            return list(read_json(candidate)["labels"])
-    raise GptforgeError(f"{ckpt} has no {LABELS_FILE}: not a classification run (fine-tune with --task classify)")
 
 
 class Classifier:

@@ -15,7 +15,7 @@ import random
 from functools import partial
 from pathlib import Path
 
-from gptforge.checkpoint.io import find_checkpoint, read_json
+from gptforge.checkpoint.io import LABELS_FILE, find_checkpoint, read_json
 from gptforge.config import Config, ModelConfig, config_from_dict
 from gptforge.data.batches import ValSet
 from gptforge.distributed.env import DistInfo
@@ -27,7 +27,6 @@ from gptforge.finetune.formats import (
     read_sft,
     tokenize_sft,
 )
-from gptforge.finetune.predict import LABELS_FILE
 from gptforge.finetune.source import ExampleSource, Row, classification_row, sft_row, validation_batches
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.loop import Task, TrainResult, train
