@@ -17,7 +17,14 @@ from gptforge.finetune.formats import (
     read_sft,
     tokenize_sft,
 )
-from gptforge.finetune.source import ExampleSource, Row, classification_row, collate, sft_row, validation_batches
+from gptforge.finetune.source import (
+    ExampleSource,
+    Row,
+    classification_row,
+    collate,
+    sft_row,
+    validation_batches,
+)
 from gptforge.model.gpt import GPT
 from gptforge.model.loss import IGNORE_INDEX
 from gptforge.train.objectives import Classification
