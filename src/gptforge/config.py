@@ -25,6 +25,9 @@ import yaml
 from gptforge.errors import GptforgeError
 
 ATTENTION_KINDS = ("dense", "local")
+# LoRA target names (model.lora_targets) -> the linear layers they adapt, by the model's own module names.
+LORA_TARGETS = {"qkv": "attn.qkv", "attn_proj": "attn.proj", "mlp_fc": "mlp.fc", "mlp_proj": "mlp.proj",
+                "lm_head": "lm_head"}
 
 
 @dataclass
@@ -38,6 +41,13 @@ class ModelConfig:
     `n_labels > 0` adds a classification head `score` (d_model -> n_labels, no bias) on the last real token's
     final hidden state, with dropout `classifier_dropout` before it (GPT-1, Radford et al. 2018, section 3.2);
     0 means no head.
+
+    LoRA (Hu et al. 2021): with `lora_r > 0` every linear layer named in `lora_targets` (comma-separated names of
+    `LORA_TARGETS`: qkv, attn_proj, mlp_fc, mlp_proj, lm_head) gains a rank-`lora_r` update scaled by
+    `lora_alpha / lora_r`, with dropout `lora_dropout` on its input (model/lora.py). The default target is the
+    fused attention input projection: Hu et al. (section 7.1, Table 5) find adapting the query and value
+    projections the best use of a fixed budget, and GPT-2 fuses q, k and v into one matrix (PEFT's default for
+    GPT-2 is the same `c_attn`).
     """
 
     vocab_size: int = 50257
@@ -52,6 +62,10 @@ class ModelConfig:
     shared_layer_group: int = 1
     n_labels: int = 0
     classifier_dropout: float = 0.1
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv"
 
     @property
     def d_head(self) -> int:
@@ -61,6 +75,12 @@ class ModelConfig:
         """The attention kind ("dense" or "local") of each of the `n_layer` layers."""
         cycle = [kind.strip() for kind in self.attention_pattern.split(",")]
         return [cycle[i % len(cycle)] for i in range(self.n_layer)]
+
+    def lora_target_names(self) -> list[str]:
+        """The names in `lora_targets` (qkv, attn_proj, ...), empty without LoRA (`lora_r` 0)."""
+        if not self.lora_r:
+            return []
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
 
 
 @dataclass
@@ -472,6 +492,7 @@ def validate(cfg: Config) -> None:
            f"{' / '.join(ATTENTION_KINDS)}")
     _check(m.n_layer % m.shared_layer_group == 0,
            f"model.shared_layer_group={m.shared_layer_group} must divide model.n_layer={m.n_layer}")
+    _validate_lora(m, t)
     _check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be > 0, got {o.lr}")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -519,6 +540,29 @@ def validate(cfg: Config) -> None:
     _check(t.spike_zscore >= 0 and t.spike_window >= 2,
            "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")
     _grad_accum_steps(cfg, 1)
+
+
+def _validate_lora(m: ModelConfig, t: TrainConfig) -> None:
+    _check(m.lora_r >= 0, f"model.lora_r must be >= 0 (0: no LoRA adapters), got {m.lora_r}")
+    if not m.lora_r:
+        return
+    _check(m.lora_alpha > 0 and math.isfinite(m.lora_alpha), f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    _check(0.0 <= m.lora_dropout < 1.0, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+    names = m.lora_target_names()
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    _check(not unknown, f"model.lora_targets: unknown target {unknown[0]!r}{_closest(unknown[0], LORA_TARGETS)} "
+           f"(allowed: {', '.join(LORA_TARGETS)})" if unknown else "")
+    _check(bool(names), f"model.lora_targets={m.lora_targets!r} matches no layer (allowed: {', '.join(LORA_TARGETS)})")
+    _check(len(set(names)) == len(names), f"model.lora_targets={m.lora_targets!r} names a target twice")
+    _check(set(m.layer_attention()) == {"dense"},
+           f"LoRA (model.lora_r={m.lora_r}) needs dense attention, got model.attention_pattern="
+           f"{m.attention_pattern!r}: banded layers have no Hugging Face GPT-2/PEFT equivalent, so the adapted "
+           "model could not be exported")
+    _check(m.shared_layer_group == 1,
+           f"LoRA (model.lora_r={m.lora_r}) needs model.shared_layer_group=1, got {m.shared_layer_group}: shared "
+           "layers have no Hugging Face GPT-2/PEFT equivalent, so the adapted model could not be exported")
+    _check(t.tensor_parallel == 1, f"LoRA (model.lora_r={m.lora_r}) does not support train.tensor_parallel="
+           f"{t.tensor_parallel} (the adapters are not split over ranks); use data parallelism (ddp or fsdp)")
 
 
 def advisories(cfg: Config) -> list[str]:

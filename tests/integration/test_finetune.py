@@ -221,3 +221,25 @@ def test_import_finetune_export_round_trip(data, tmp_path):
     hf_start = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).transformer.wpe.weight
     tuned = transformers.GPT2ForSequenceClassification.from_pretrained(str(tmp_path / "hf")).transformer.wpe.weight
     assert 0 < (hf_start - tuned).abs().max().item() < 0.05
+
+
+@pytest.mark.slow  # three CLI runs
+def test_lora_classify_then_merge_then_classify(data, tmp_path):
+    out, merged = tmp_path / "lora", tmp_path / "merged"
+    proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
+               "--task", "classify", "--out", out, *FAST, "--lora_r", 8, "--lr", 1e-2)
+    assert "LoRA: 2,112 trainable of " in proc.stderr  # qkv adapters 2 layers x 8 x (32 + 96) + score 2 x 32
+    ckpt = find_resume_checkpoint(out)
+    assert {"adapter.safetensors", "adapter.json", "labels.json"} <= {p.name for p in ckpt.iterdir()}
+    tuned = load_file(str(ckpt / "model.safetensors"))
+    start = load_file(str(find_resume_checkpoint(data / "base") / "model.safetensors"))
+    assert all(torch.equal(tuned[k], start[k]) for k in start)  # the base stayed frozen
+    assert tuned["score.weight"].abs().sum() > 0
+    cli("merge", out, "--out", merged)
+    texts = ["a great movie", "awful", "not what i hoped for"]
+    a = [json.loads(x) for x in cli("classify", out, *sum((["--text", t] for t in texts), []), "--json").stdout
+         .splitlines()]
+    b = [json.loads(x) for x in cli("classify", merged, *sum((["--text", t] for t in texts), []), "--json").stdout
+         .splitlines()]
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert all(abs(x["probability"] - y["probability"]) <= 1e-5 for x, y in zip(a, b))

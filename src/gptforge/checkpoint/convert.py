@@ -116,24 +116,36 @@ def to_gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, merged: bool = False) -> Path:
     """Write the latest checkpoint of `run_dir` (or a checkpoint directory) as a Hugging Face GPT-2 directory.
 
     `out_dir` gets config.json, generation_config.json, model.safetensors and the tokenizer (tokenizer.json,
     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json), so that
     `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)` load it offline.
+    A LoRA run (model.lora_r > 0) exports its base weights there and the adapters in PEFT's format in
+    `out_dir`/adapter (`checkpoint/adapters.py`), or with `merged` the weights with the adapters folded in.
 
     Raises:
         GptforgeError: no checkpoint, a model feature GPT-2 cannot represent (banded attention, shared layers,
-            no biases), a character-level tokenizer, or an `out_dir` that exists and is not empty.
+            no biases), a character-level tokenizer, an adapted lm_head, or an `out_dir` that exists and is not
+            empty.
     """
+    from gptforge.checkpoint.adapters import write_peft_adapter
+    from gptforge.model.lora import is_adapter_param, merge_lora
+
     model, cfg, tokenizer, _ = _load_exportable(run_dir)
     out = _fresh_output(out_dir)
+    adapted, export_model = cfg.model.lora_r > 0, model
+    if adapted and merged:
+        export_model, adapted = merge_lora(model), False
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        state = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+        if adapted:
+            write_peft_adapter(model, tmp / "adapter", base_model=str(out.resolve()))
+        state = {k: v for k, v in export_model.state_dict().items()
+                 if k not in TIED_KEYS and not is_adapter_param(k)}
         score = state.pop("score.weight", None)
         tensors = to_gpt2_state(state)
         hf_config = gpt2_config(cfg.model, eot_id=tokenizer.eot_id)

@@ -56,7 +56,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format != "hf":
         raise GptforgeError(f"--format must be hf (Hugging Face GPT-2), got {args.format!r}")
-    print(f"exported {args.run_dir} as a GPT-2 model to {export_hf(args.run_dir, args.out)}")
+    out = export_hf(args.run_dir, args.out, merged=args.merged)
+    note = " (LoRA adapter in PEFT format in adapter/)" if (out / "adapter").is_dir() else ""
+    print(f"exported {args.run_dir} as a GPT-2 model to {out}{note}")
     return 0
 
 
@@ -98,6 +100,8 @@ def register(sub) -> None:
     p.add_argument("run_dir", help="run directory or checkpoint directory")
     p.add_argument("--format", default="hf", help="hf: Hugging Face GPT-2 (the only format; default)")
     p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--merged", action="store_true", help="LoRA runs: export the weights with the adapters folded "
+                   "in (default: the base weights plus the adapter in PEFT format in OUT/adapter)")
     p.set_defaults(handler=cmd_export, overrides=False)
 
     p = sub.add_parser("import", help=cmd_import.__doc__, description=cmd_import.__doc__)

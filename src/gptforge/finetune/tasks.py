@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from gptforge.checkpoint.io import LABELS_FILE, find_checkpoint, read_json
-from gptforge.config import Config, ModelConfig, config_from_dict
+from gptforge.config import Config, ModelConfig, config_from_dict, validate
 from gptforge.data.batches import ValSet
 from gptforge.distributed.env import DistInfo
 from gptforge.errors import GptforgeError
@@ -29,6 +29,7 @@ from gptforge.finetune.formats import (
 )
 from gptforge.finetune.source import ExampleSource, Row, classification_row, sft_row, validation_batches
 from gptforge.tokenizer import load_tokenizer
+from gptforge.train.adapters import lora_hooks
 from gptforge.train.loop import Task, TrainResult, train
 from gptforge.train.objectives import Classification, LanguageModeling
 from gptforge.utils.io import atomic_write_json
@@ -41,6 +42,9 @@ TUNABLE_MODEL_FIELDS = ("dropout", "classifier_dropout", "lora_r", "lora_alpha",
 def init_model_config(init: str | Path, run_model: ModelConfig, *, n_labels: int) -> ModelConfig:
     """The init checkpoint's architecture with the run's `TUNABLE_MODEL_FIELDS` and `n_labels` on top."""
     base = config_from_dict(read_json(find_checkpoint(init) / "config.json")).model
+    if base.lora_r:
+        raise GptforgeError(f"--init {init} has LoRA adapters (model.lora_r={base.lora_r}); fold them in first "
+                            f"with: gptforge merge {init} --out NEW_RUN")
     tuned = {name: getattr(run_model, name) for name in TUNABLE_MODEL_FIELDS if hasattr(run_model, name)}
     return dataclasses.replace(base, **tuned, n_labels=n_labels)
 
@@ -117,6 +121,7 @@ def finetune_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data: Path,
     classify = f.task == "classify"
     if not ckpt:  # the architecture (context_length for truncation) first; n_labels once the labels are read
         cfg.model = init_model_config(t.init_from, cfg.model, n_labels=0)
+        validate(cfg)  # the user's LoRA settings against the init checkpoint's architecture
     saved_labels = read_json(ckpt / LABELS_FILE)["labels"] if ckpt and classify else None
     if classify:
         rows, labels, stats = _classification_rows(data, cfg, tokenizer, saved_labels)
@@ -157,13 +162,19 @@ def finetune_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data: Path,
     else:
         objective = LanguageModeling()
 
+    # LoRA: the base frozen on the meta device, the classification head trained in full with the adapters
+    setup_model, save_adapter = lora_hooks(("score.",) if classify else ()) if cfg.model.lora_r else (None, None)
+
     def save_extra(directory: Path) -> None:
+        if save_adapter is not None:
+            save_adapter(directory)
         if labels is not None:
             for target in (directory / LABELS_FILE, run_dir / LABELS_FILE):
                 atomic_write_json(target, {"labels": labels, "text_field": stats["text_field"]})
 
     return Task(name=f.task, tokenizer=tokenizer, train=source, val_sets=val_sets, objective=objective,
-                init_missing_ok=("score.",) if classify else (), save_extra=save_extra, log_stats=source.log_stats)
+                init_missing_ok=("score.",) if classify else (), save_extra=save_extra, log_stats=source.log_stats,
+                setup_model=setup_model)
 
 
 def finetune(cfg: Config, data: str | Path, run_dir: str | Path, *, init: str | Path | None = None,

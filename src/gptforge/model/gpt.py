@@ -23,6 +23,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.kv_cache import KVCache
 from gptforge.model.linear import linear
+from gptforge.model.lora import add_lora, lora_a_std
 from gptforge.model.loss import IGNORE_INDEX, loss_sum
 
 __all__ = ["GPT", "IGNORE_INDEX", "count_parameters", "flops_per_token", "init_rows"]
@@ -73,6 +74,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer // cfg.shared_layer_group))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        add_lora(self, cfg)  # LoRA adapters around the targeted linear layers (model/lora.py); none if lora_r is 0
         self.tie_weights()
         if cfg.n_labels > 0:  # named and shaped as Hugging Face's GPT2ForSequenceClassification.score
             self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=False)
@@ -104,7 +106,13 @@ class GPT(nn.Module):
 
     def init_std(self, name: str) -> float | None:
         """The GPT-2 initialisation of parameter `name` (as named by `named_parameters`): the std of a zero-mean
-        normal, 0.0 for zeros (biases), or None for ones (LayerNorm gains)."""
+        normal, 0.0 for zeros (biases), or None for ones (LayerNorm gains). LoRA adapters: B zeros, A normal with
+        std 1 / sqrt(3 * in) (model/lora.py)."""
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "lora_B":
+            return 0.0
+        if leaf == "lora_A":
+            return lora_a_std(self.get_submodule(owner).in_features)
         if name.endswith("bias"):
             return 0.0
         if ".ln_" in name or name.startswith("ln_f"):
@@ -236,12 +244,17 @@ def count_parameters(cfg: ModelConfig) -> int:
     """Parameters of a GPT with this config, computed without building it (works for 175B).
 
     Per block: attention 4*D^2 (+4D biases), MLP 8*D^2 (+5D biases), two LayerNorms 2D (+2D biases);
-    plus token embedding V*D (tied with the head), position embedding context_length*D, final LayerNorm.
+    plus token embedding V*D (tied with the head), position embedding context_length*D, final LayerNorm;
+    plus r * (in + out) per LoRA-adapted layer.
     """
     D, bias = cfg.d_model, int(cfg.bias)
     block = 12 * D * D + 2 * D + bias * (9 * D + 2 * D)
     distinct_blocks = cfg.n_layer // cfg.shared_layer_group
-    return cfg.vocab_size * D + cfg.context_length * D + distinct_blocks * block + D * (1 + bias)
+    lora_widths = {"qkv": (D, 3 * D), "attn_proj": (D, D), "mlp_fc": (D, 4 * D), "mlp_proj": (4 * D, D)}
+    lora = sum(cfg.lora_r * sum(lora_widths[t]) * distinct_blocks for t in cfg.lora_target_names() if t != "lm_head")
+    if "lm_head" in cfg.lora_target_names():
+        lora += cfg.lora_r * (D + cfg.vocab_size)
+    return cfg.vocab_size * D + cfg.context_length * D + distinct_blocks * block + D * (1 + bias) + lora
 
 
 def flops_per_token(cfg: ModelConfig, context_length: int | None = None) -> float:

@@ -42,6 +42,7 @@ from gptforge.distributed.materialize import materialize, snapshot_added
 from gptforge.distributed.parallelize import shard_model, wrap_model
 from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT
+from gptforge.model.lora import lora_missing_ok
 from gptforge.train.objectives import LanguageModeling, Objective
 from gptforge.train.optim import build_optimizer
 from gptforge.train.progress import run_steps
@@ -185,7 +186,7 @@ def _build_model(cfg: Config, task: Task, ckpt: Path | None, info: DistInfo) -> 
     elif t.init_from:
         source = find_checkpoint(t.init_from)
         new = tuple(f"{owner}.{name}" for owner, (_, names) in added.items() for name in names)
-        load_model_weights(model, source, missing_ok=task.init_missing_ok + new)
+        load_model_weights(model, source, missing_ok=task.init_missing_ok + new + lora_missing_ok(model))
         print0(f"initialised from {source}")
     return model, wrap_model(model, info, data_parallel=t.data_parallel, compile=t.compile)
 

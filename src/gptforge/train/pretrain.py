@@ -8,24 +8,38 @@ reconciled with the data's. Shards are read through memory maps; their checksums
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 
 from gptforge.checkpoint.io import find_checkpoint, read_json
-from gptforge.config import Config, ModelConfig, config_from_dict
+from gptforge.config import Config, ModelConfig, config_from_dict, validate
 from gptforge.data.dataset import MixtureSource, WindowSource, validation_windows
 from gptforge.data.shards import load_meta, open_sources, verify_checksums
 from gptforge.distributed.env import DistInfo
 from gptforge.errors import GptforgeError
 from gptforge.tokenizer import load_tokenizer
+from gptforge.train.adapters import lora_hooks
 from gptforge.train.loop import Task, TrainResult, train
 from gptforge.utils.logging import print0
 
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
-def _init_model_config(init_from: str, meta: dict) -> ModelConfig:
-    """The model section of the checkpoint to start from; its vocabulary must match the data's tokenizer."""
+
+def _init_model_config(init_from: str, meta: dict, user: ModelConfig) -> ModelConfig:
+    """The model section of the checkpoint to start from, with the user's lora_* fields on top (continued
+    pretraining with LoRA adapters); its vocabulary must match the data's tokenizer.
+
+    Raises:
+        GptforgeError: a vocabulary mismatch, a checkpoint that itself has adapters (merge it first), or LoRA
+        settings the checkpoint's architecture does not allow (banded attention, shared layers).
+    """
     ckpt = find_checkpoint(init_from)
     model_cfg = config_from_dict(read_json(ckpt / "config.json")).model
+    if model_cfg.lora_r:
+        raise GptforgeError(f"train.init_from={init_from} has LoRA adapters (model.lora_r={model_cfg.lora_r}); "
+                            f"fold them in first with: gptforge merge {init_from} --out NEW_RUN")
+    model_cfg = dataclasses.replace(model_cfg, **{f: getattr(user, f) for f in LORA_FIELDS})
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise GptforgeError(f"train.init_from={init_from} has vocab_size {model_cfg.vocab_size} but the data was "
                             f"tokenized with vocab_size {meta['vocab_size']}; prepare the data with "
@@ -45,7 +59,8 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
     meta, tokenizer = load_meta(data_dir), load_tokenizer(data_dir)
     verify_checksums(data_dir, meta)
     if t.init_from and not ckpt:
-        cfg.model = _init_model_config(t.init_from, meta)
+        cfg.model = _init_model_config(t.init_from, meta, cfg.model)
+        validate(cfg)  # the user's LoRA settings against the checkpoint's architecture
     elif cfg.model.vocab_size != meta["vocab_size"]:
         if ckpt:
             raise GptforgeError(f"cannot resume: the checkpoint's vocab_size is {cfg.model.vocab_size}, the data's "
@@ -69,8 +84,10 @@ def pretrain_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data_dir: P
         else:
             print0(f"warning: the validation split of {s.name} has {len(s.val)} tokens, fewer than context_length + 1 "
                    f"= {T + 1}; no val loss will be computed for it (prepare with a larger --val_fraction)")
+    setup_model, save_extra = lora_hooks() if cfg.model.lora_r else (None, None)
     return Task(name="pretrain", tokenizer=tokenizer, train=source, val_sets=val_sets, fixed_shape=True,
-                log_stats=source.log_stats if isinstance(source, MixtureSource) else None)
+                log_stats=source.log_stats if isinstance(source, MixtureSource) else None,
+                setup_model=setup_model, save_extra=save_extra)
 
 
 def pretrain(cfg: Config, data_dir: str | Path, run_dir: str | Path, *, progress: bool = True,
