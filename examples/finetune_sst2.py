@@ -43,6 +43,25 @@ def dev_rows(sst2: Path):
     return [(s.strip(), int(y)) for s, y in (line.rsplit("\t", 1) for line in lines)]
 
 
+def sft_eval(run: Path, rows, max_new_tokens: int = 4) -> dict:
+    """Greedy generations for every dev review: label accuracy and the fraction that stop right after the label.
+    A review too long for the context loses its first words (as training truncated the prompt's start)."""
+    lm = gptforge.load(run)
+    room = lm.config.model.context_length - max_new_tokens
+    prompts = []
+    for s, _ in rows:
+        words = s.split()
+        while len(lm.tokenizer.encode(f"Review: {' '.join(words)}\nSentiment:")) > room:
+            words = words[1:]
+        prompts.append(f"Review: {' '.join(words)}\nSentiment:")
+    texts = lm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    names = {0: " negative", 1: " positive"}
+    correct = sum(t.strip() == names[y].strip() for t, (_, y) in zip(texts, rows))
+    stopped = sum(t in (" negative", " positive") for t in texts)
+    return {"dev_label_accuracy": round(correct / len(rows), 4), "stopped_after_label": round(stopped / len(rows), 4),
+            "examples": texts[:3]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sst2", default="../shared/data/sst2")
@@ -103,12 +122,7 @@ def main() -> None:
     ft = load_config(preset="finetune-sft", overrides=overrides(FINETUNE + [
         "max_steps", args.finetune_steps, "max_time_s", args.finetune_s, "val_fraction", 0.01]))
     sft = gptforge.finetune(ft, sft_file, out / "sft", init=out / "base", progress=False)
-    lm = gptforge.load(out / "sft")
-    texts = lm.generate([f"Review: {s}\nSentiment:" for s, _ in rows], max_new_tokens=4, temperature=0.0)
-    correct = sum(t.strip() == words[y].strip() for t, (_, y) in zip(texts, rows))
-    stopped = sum(t in (" negative", " positive") for t in texts)
-    report["sft"] = {"steps": sft.steps, "dev_label_accuracy": round(correct / len(rows), 4),
-                     "stopped_after_label": round(stopped / len(rows), 4), "examples": texts[:3]}
+    report["sft"] = {"steps": sft.steps, **sft_eval(out / "sft", rows)}
     report["total_s"] = round(time.time() - t0, 1)
     print(json.dumps(report, indent=2))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

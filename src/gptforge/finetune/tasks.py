@@ -148,7 +148,7 @@ def finetune_task(cfg: Config, info: DistInfo, ckpt: Path | None, *, data: Path,
         cfg.optim.warmup_steps = max(1, round(f.warmup_fraction * t.max_steps))
     print0(_describe_targets(f"{f.task} train ({stats.get('format', stats.get('text_field'))})", rows))
     if stats["truncated"]:
-        print0(f"note: {stats['truncated']} training examples were longer than context_length "
+        print0(f"note: {stats['truncated']} examples of {data} were longer than context_length "
                f"{cfg.model.context_length} and were truncated")
     if val_rows:
         print0(_describe_targets(f"{f.task} val", val_rows))
