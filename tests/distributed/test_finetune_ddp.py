@@ -1,5 +1,5 @@
 """Fine-tuning under torchrun: 2 DDP ranks (gloo, CPU) give the weights and validation metrics of one process
-with the same global batch, for classification (score head + auxiliary LM loss) and SFT."""
+with the same global batch (dropout off: ranks draw their own masks), for classification (score head + auxiliary LM loss) and SFT."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from gptforge.checkpoint.io import find_resume_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.distributed
 ARGS = ["--quiet", "--epochs", 0, "--max_steps", 4, "--micro_batch_size", 4, "--global_batch_size", 16,
-        "--eval_interval", 2, "--checkpoint_interval", 4, "--lr", 1e-3, "--dropout", 0]
+        "--eval_interval", 2, "--checkpoint_interval", 4, "--lr", 1e-3, "--dropout", 0, "--classifier_dropout", 0, "--log_interval", 1]
 
 
 def run(nproc, *args):
