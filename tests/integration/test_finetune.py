@@ -85,7 +85,6 @@ def assert_hf_classifier_parity(run, export_dir, texts):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.slow  # several CLI runs: about 20 s alone, longer on a shared machine
 def test_classify_cli_on_sst2_then_classify_generate_export(data, tmp_path):
     out = tmp_path / "cls"
     proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
@@ -111,7 +110,6 @@ def test_classify_cli_on_sst2_then_classify_generate_export(data, tmp_path):
     assert_hf_classifier_parity(out, tmp_path / "hf", ["a wonderful , moving film", "dull", "it is not bad at all"])
 
 
-@pytest.mark.slow  # several CLI runs: about 20 s alone, longer on a shared machine
 def test_sft_cli_on_gsm8k_masks_prompts(data, tmp_path):
     args = ["--init", data / "base", "--data", data / "gsm.jsonl", "--task", "sft", "--prompt_field", "question",
             "--completion_field", "answer", *FAST]
@@ -166,7 +164,6 @@ RESUME = ["--task", "classify", "--quiet", "--epochs", 0, "--max_steps", 24, "--
           "--keep_checkpoints", 2, "--lr", 1e-3]
 
 
-@pytest.mark.slow  # several CLI runs: about 20 s alone, longer on a shared machine
 def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
     common = ["--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv", *RESUME]
     cli("finetune", *common, "--out", tmp_path / "ref")
@@ -198,7 +195,6 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
     assert strip(got_rows) == strip(ref_rows)
 
 
-@pytest.mark.slow  # several CLI runs: about 20 s alone, longer on a shared machine
 def test_import_finetune_export_round_trip(data, tmp_path):
     """A randomly initialised, locally saved gpt2-shaped HF checkpoint (tiny dims) -> import -> classify
     fine-tune -> export as GPT2ForSequenceClassification with the same logits as transformers."""
@@ -223,7 +219,6 @@ def test_import_finetune_export_round_trip(data, tmp_path):
     assert 0 < (hf_start - tuned).abs().max().item() < 0.05
 
 
-@pytest.mark.slow  # three CLI runs
 def test_lora_classify_then_merge_then_classify(data, tmp_path):
     out, merged = tmp_path / "lora", tmp_path / "merged"
     proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
