@@ -30,6 +30,10 @@ from gptforge.model.gpt import GPT
 from gptforge.train.pretrain import pretrain
 
 MODEL = dict(n_layer=4, n_head=4, d_model=128, context_length=64)
+# GPT-1's recipe scaled to a CPU budget: a tiny model needs a larger lr (1e-3) than GPT-1's 6.25e-5, and the
+# auxiliary LM loss (GPT-1: weight 0.5) is off for the classifier because its 4096-way LM head doubles the cost of
+# a step here; with a fixed time budget more steps bought more accuracy (0.757 vs 0.607 dev accuracy measured).
+CLASSIFY = ["lm_loss_weight", 0.0, "lr", 1e-3]
 FINETUNE = ["lr", 5e-4, "micro_batch_size", 32, "global_batch_size", 32, "epochs", 0, "warmup_fraction", 0.02,
             "eval_interval", 10_000, "checkpoint_interval", 10_000, "dropout", 0.1]
 
@@ -67,9 +71,9 @@ def main() -> None:
     ap.add_argument("--sst2", default="../shared/data/sst2")
     ap.add_argument("--ptb", default="../shared/data/ptb")
     ap.add_argument("--out", default="runs/sst2_example")
-    ap.add_argument("--pretrain_s", type=float, default=270.0)
-    ap.add_argument("--finetune_s", type=float, default=120.0)
-    ap.add_argument("--finetune_steps", type=int, default=600)
+    ap.add_argument("--pretrain_s", type=float, default=240.0)
+    ap.add_argument("--finetune_s", type=float, default=180.0)
+    ap.add_argument("--finetune_steps", type=int, default=1200)
     args = ap.parse_args()
     sst2, out, t0 = Path(args.sst2), Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ def main() -> None:
 
     # 2. classification fine-tuning, pretrained vs random, same budget
     for name in ("base", "random"):
-        ft = load_config(preset="finetune-classify", overrides=overrides(FINETUNE + [
+        ft = load_config(preset="finetune-classify", overrides=overrides(FINETUNE + CLASSIFY + [
             "max_steps", args.finetune_steps, "max_time_s", args.finetune_s]))
         result = gptforge.finetune(ft, sst2 / "train.tsv", out / f"cls_{name}", init=out / name,
                                    val_data=sst2 / "dev.tsv", progress=False)
