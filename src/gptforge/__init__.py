@@ -8,12 +8,13 @@ The public Python API is small:
     lm.tokenizer.encode("text")
     lm.generate("def main(", max_new_tokens=50)
     gptforge.evaluate("runs/demo", tasks="hellaswag,piqa", shots="0,1", data_dir="data/eval")
+    gptforge.finetune(cfg, "train.tsv", "runs/sst2", init="runs/demo")  # cfg.finetune.task = "classify"
 """
 
 from gptforge.errors import GptforgeError
 
 __version__ = "0.1.0"
-__all__ = ["GptforgeError", "evaluate", "load", "__version__"]
+__all__ = ["GptforgeError", "evaluate", "finetune", "load", "pretrain", "__version__"]
 
 
 def load(path, *, device: str = "cpu"):
@@ -28,3 +29,20 @@ def evaluate(model_or_run_dir, tasks, shots=0, **kwargs):
     from gptforge.eval.harness import evaluate as _evaluate
 
     return _evaluate(model_or_run_dir, tasks, shots, **kwargs)
+
+
+def pretrain(cfg, data_dir, run_dir, **kwargs):
+    """Pretrain on prepared data; see `gptforge.train.pretrain.pretrain` (imported lazily)."""
+    from gptforge.train.pretrain import pretrain as _pretrain
+
+    return _pretrain(cfg, data_dir, run_dir, **kwargs)
+
+
+def __getattr__(name: str):
+    """`gptforge.finetune` is the `gptforge.finetune` package, imported on first use; the package is callable:
+    `gptforge.finetune(cfg, data, run_dir, init=...)` runs `gptforge.finetune.tasks.finetune`."""
+    if name == "finetune":
+        import importlib
+
+        return importlib.import_module("gptforge.finetune")
+    raise AttributeError(f"module 'gptforge' has no attribute {name!r}")

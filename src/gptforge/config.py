@@ -1,10 +1,10 @@
 """Typed run configuration: the single source of truth for every hyperparameter.
 
-Three sections, each a dataclass handed only to the component that owns it:
-`ModelConfig` (architecture), `OptimConfig` (AdamW and the lr/batch schedules) and `TrainConfig`
-(steps, batching, evaluation, checkpoints, device). Values come, in order, from the dataclass defaults,
+Four sections, each a dataclass handed only to the component that owns it:
+`ModelConfig` (architecture), `OptimConfig` (AdamW and the lr/batch schedules), `TrainConfig`
+(steps, batching, evaluation, checkpoints, device) and `FinetuneConfig` (the fine-tuning task and its data). Values come, in order, from the dataclass defaults,
 a named preset (`PRESETS`, the GPT-3 paper's Table 2.1 plus small CPU presets), a YAML file
-(sections `model:`, `optim:`, `train:`) and finally command-line overrides `--field value`,
+(sections `model:`, `optim:`, `train:`, `finetune:`) and finally command-line overrides `--field value`,
 `--field=value` or `--section.field value`. Every field name is unique across sections, so the
 short form is unambiguous. Unknown names are errors that suggest the closest valid name.
 
@@ -38,6 +38,9 @@ class ModelConfig:
     cycle of "dense"/"local" applied over layers ("dense,local" alternates as in GPT-3); local layers attend
     to the last `local_window` tokens (the paper gives no band width, so it is a setting). Each group of
     `shared_layer_group` adjacent layers shares one set of weights (1 means no sharing).
+    `n_labels > 0` adds a classification head `score` (d_model -> n_labels, no bias) on the last real token's
+    final hidden state, with dropout `classifier_dropout` before it (GPT-1, Radford et al. 2018, section 3.2);
+    0 means no head.
 
     LoRA (Hu et al. 2021): with `lora_r > 0` every linear layer named in `lora_targets` (comma-separated names of
     `LORA_TARGETS`: qkv, attn_proj, mlp_fc, mlp_proj, lm_head) gains a rank-`lora_r` update scaled by
@@ -57,6 +60,8 @@ class ModelConfig:
     attention_pattern: str = "dense"
     local_window: int = 256
     shared_layer_group: int = 1
+    n_labels: int = 0
+    classifier_dropout: float = 0.1
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -87,6 +92,8 @@ class OptimConfig:
     With `batch_ramp_tokens > 0` the global batch grows linearly from `batch_ramp_start_tokens`
     to `global_batch_tokens` over the first `batch_ramp_tokens` training tokens (Appendix B: 32k tokens
     up to the full batch over the first 4-12 billion tokens).
+    `lr_schedule` "linear" replaces the cosine by a straight line from `lr` to `min_lr_ratio * lr` (GPT-1's
+    fine-tuning recipe: linear decay to 0, Radford et al. 2018, section 4.1).
     """
 
     lr: float = 6e-4
@@ -100,6 +107,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     batch_ramp_start_tokens: int = 32768
     batch_ramp_tokens: int = 0
+    lr_schedule: str = "cosine"
 
 
 @dataclass
@@ -157,12 +165,39 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning on labeled data (`gptforge finetune`; ignored by `pretrain`). See docs/finetuning.md.
+
+    `task` is "sft" (next-token loss on completions) or "classify" (a label per text). `epochs > 0` sets
+    train.max_steps to ceil(epochs * training examples / examples per optimizer step) once the data is read; 0
+    keeps train.max_steps. `warmup_fraction > 0` sets optim.warmup_steps to that fraction of max_steps (at least 1;
+    GPT-1: 0.2%). SFT: `mask_prompt` scores only completion tokens (and the end-of-text after them);
+    `prompt_field`/`completion_field` name the JSONL fields of the prompt/completion format. Classification:
+    `text_field` ("" = "sentence" or "text", whichever the file has) and `label_field`; `lm_loss_weight` weighs the
+    auxiliary next-token loss on the text (GPT-1 uses 0.5; 0 disables it). Without a validation file,
+    `val_fraction` of the training examples (a seeded random choice) are held out.
+    """
+
+    task: str = "sft"
+    epochs: float = 0.0
+    warmup_fraction: float = 0.0
+    mask_prompt: bool = True
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    text_field: str = ""
+    label_field: str = "label"
+    lm_loss_weight: float = 0.0
+    val_fraction: float = 0.05
+
+
+@dataclass
 class Config:
     """The whole run configuration; see the section classes."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-steps per optimizer step to reach `global_batch_tokens` (derived, never set by hand)."""
@@ -172,7 +207,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 # field name -> section name; field names are unique across sections (checked at import).
 FIELD_SECTION = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 assert len(FIELD_SECTION) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values())
@@ -228,6 +263,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": dict(lr=2e-3, warmup_steps=50, beta2=0.99),
         "train": dict(max_steps=900, micro_batch_size=16, eval_interval=300, eval_tokens=40_960, log_interval=20,
                       checkpoint_interval=300, max_time_s=300.0),
+    },
+    # Fine-tuning a classifier with GPT-1's recipe (Radford et al. 2018, section 4.1 "Fine-tuning details"):
+    # lr 6.25e-5, batch 32 examples, 3 epochs, linear decay to 0 with warmup over 0.2% of training, dropout 0.1
+    # (on the classifier too), auxiliary LM loss weight 0.5, Adam with L2 weight 0.01 (here AdamW's decay).
+    "finetune-classify": {
+        "model": dict(dropout=0.1, classifier_dropout=0.1),
+        "optim": dict(lr=6.25e-5, lr_schedule="linear", min_lr_ratio=0.0, beta2=0.999, weight_decay=0.01),
+        "train": dict(micro_batch_size=8, global_batch_size=32, eval_interval=200, log_interval=20,
+                      checkpoint_interval=200, keep_checkpoints=2),
+        "finetune": dict(task="classify", epochs=3, warmup_fraction=0.002, lm_loss_weight=0.5),
+    },
+    # Supervised fine-tuning (instruction tuning): completions scored, prompts masked; 3 epochs, batch 32,
+    # linear decay to 0 after 3% warmup, no dropout, as common SFT recipes do (not a paper's numbers).
+    "finetune-sft": {
+        "model": dict(dropout=0.0),
+        "optim": dict(lr=5e-5, lr_schedule="linear", min_lr_ratio=0.0, weight_decay=0.0),
+        "train": dict(micro_batch_size=8, global_batch_size=32, eval_interval=200, log_interval=20,
+                      checkpoint_interval=200, keep_checkpoints=2),
+        "finetune": dict(task="sft", epochs=3, warmup_fraction=0.03, mask_prompt=True),
     },
 }
 
@@ -475,6 +529,15 @@ def validate(cfg: Config) -> None:
     _check(t.tensor_parallel == 1 or m.dropout == 0,
            f"train.tensor_parallel={t.tensor_parallel} needs model.dropout = 0 (got {m.dropout}): replicated "
            "activations would draw different dropout masks on each rank")
+    _check(m.n_labels >= 0, f"model.n_labels must be >= 0 (0 = no classification head), got {m.n_labels}")
+    _check(0.0 <= m.classifier_dropout < 1.0, f"model.classifier_dropout must be in [0, 1), got {m.classifier_dropout}")
+    _check(o.lr_schedule in ("cosine", "linear"), f"optim.lr_schedule must be cosine or linear, got {o.lr_schedule!r}")
+    f = cfg.finetune
+    _check(f.task in ("sft", "classify"), f"finetune.task must be sft or classify, got {f.task!r}")
+    _check(f.epochs >= 0, f"finetune.epochs must be >= 0 (0 keeps train.max_steps), got {f.epochs}")
+    _check(0.0 <= f.warmup_fraction < 1.0, f"finetune.warmup_fraction must be in [0, 1), got {f.warmup_fraction}")
+    _check(f.lm_loss_weight >= 0, f"finetune.lm_loss_weight must be >= 0 (0 disables it), got {f.lm_loss_weight}")
+    _check(0.0 <= f.val_fraction < 1.0, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _check(t.spike_zscore >= 0 and t.spike_window >= 2,
            "train.spike_zscore must be >= 0 (0 disables) and train.spike_window >= 2")

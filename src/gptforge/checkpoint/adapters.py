@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gptforge.checkpoint.io import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from gptforge.checkpoint.io import (
+    LABELS_FILE,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_labels,
+    save_checkpoint,
+)
 from gptforge.config import save_config
 from gptforge.errors import GptforgeError
 from gptforge.model.lora import LoRALinear, merge_lora, plain_config
@@ -54,6 +60,12 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     out = _fresh(out_dir)
     src = find_resume_checkpoint(run_dir)
     model, cfg, tokenizer, state = load_checkpoint(src)
+    labels = load_labels(src) if cfg.model.n_labels else None  # a classifier keeps its class names
+
+    def write_labels(directory: Path) -> None:
+        if labels is not None:
+            atomic_write_json(directory / LABELS_FILE, {"labels": labels})
+
     merged = merge_lora(model)
     cfg.model = plain_config(cfg.model)
     cfg.train.init_from = ""
@@ -62,8 +74,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     try:
         save_checkpoint(tmp, step=int(state.get("step", 0)), cfg=cfg, tokenizer=tokenizer, model=merged,
                         state={"tokens_seen": state.get("tokens_seen", 0), "val_loss": state.get("val_loss"),
-                               "merged_from": str(src.resolve())})
+                               "merged_from": str(src.resolve())}, extra=write_labels)
         save_config(cfg, tmp / "config.yaml")
+        write_labels(tmp)
         tokenizer.save(tmp)
         if out.is_dir():
             out.rmdir()

@@ -11,6 +11,7 @@ projection splits into q, k, v and then into heads the same way in both, so it n
     blocks.i.attn.qkv / proj    transformer.h.i.attn.c_attn / c_proj       (weights transposed)
     blocks.i.mlp.fc / proj      transformer.h.i.mlp.c_fc / c_proj          (weights transposed)
     lm_head (tied to wte)       lm_head (tied to transformer.wte; not stored)
+    score (n_labels > 0)        score (GPT2ForSequenceClassification; no bias, (n_labels, D) in both)
 
 Both formats are plain JSON + safetensors, so this module never imports transformers. It depends on
 `config`, `tokenizer`, `model` and `checkpoint.io`; the tokenizer files live in `checkpoint.hf_tokenizer`.
@@ -33,6 +34,7 @@ from gptforge.checkpoint.io import (
     TIED_KEYS,
     find_checkpoint,
     load_checkpoint,
+    load_labels,
     load_torch_file,
     read_json,
     save_checkpoint,
@@ -144,8 +146,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, merged: bool = False)
             write_peft_adapter(model, tmp / "adapter", base_model=str(out.resolve()))
         state = {k: v for k, v in export_model.state_dict().items()
                  if k not in TIED_KEYS and not is_adapter_param(k)}
-        save_file(to_gpt2_state(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", gpt2_config(cfg.model, eot_id=tokenizer.eot_id))
+        score = state.pop("score.weight", None)
+        tensors = to_gpt2_state(state)
+        hf_config = gpt2_config(cfg.model, eot_id=tokenizer.eot_id)
+        if score is not None:
+            tensors["score.weight"] = score.detach().to("cpu", torch.float32).contiguous()
+            hf_config.update(classification_config(run_dir, cfg.model.n_labels, eot_id=tokenizer.eot_id))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_config)
         atomic_write_json(tmp / "generation_config.json", {"bos_token_id": tokenizer.eot_id,
                                                            "eos_token_id": tokenizer.eot_id})
         export_tokenizer(tokenizer, tmp, context_length=cfg.model.context_length)
@@ -153,6 +161,18 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, merged: bool = False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def classification_config(run_dir: str | Path, n_labels: int, *, eot_id: int) -> dict:
+    """The GPT2Config fields of a classification run: GPT2ForSequenceClassification with the run's labels, and
+    end-of-text as the pad token (HF pools the last token that is not padding; gptforge's classification rows
+    never contain end-of-text, so both pool the same last real token)."""
+    labels = load_labels(find_checkpoint(run_dir))
+    if len(labels) != n_labels:
+        raise GptforgeError(f"{run_dir}: labels.json names {len(labels)} labels but the model has {n_labels}")
+    return {"architectures": ["GPT2ForSequenceClassification"], "pad_token_id": eot_id,
+            "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}, "summary_first_dropout": 0.1}
 
 
 def _load_exportable(run_dir: str | Path):

@@ -291,6 +291,24 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+LABELS_FILE = "labels.json"  # a classification run's class names, in the run directory and every checkpoint
+
+
+def load_labels(ckpt: Path) -> list[str]:
+    """The class names (index = class id) of a classification checkpoint: its labels.json, else its run's.
+
+    Raises:
+        GptforgeError: neither file exists (not a classification run), or it is corrupt.
+    """
+    for candidate in (ckpt / LABELS_FILE, ckpt.parent.parent / LABELS_FILE):
+        if candidate.is_file():
+            labels = read_json(candidate).get("labels")
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise GptforgeError(f"corrupt {candidate}: 'labels' must be a list of strings")
+            return labels
+    raise GptforgeError(f"{ckpt} has no {LABELS_FILE}: not a classification run (fine-tune with --task classify)")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Parse a JSON file, naming it in the error if it is missing or corrupt."""
     try:

@@ -17,7 +17,7 @@ import sys
 from gptforge.errors import GptforgeError
 
 # Order is the order of `gptforge --help`.
-COMMAND_MODULES = ("data", "train", "eval", "generate", "serve", "tools", "adapters")
+COMMAND_MODULES = ("data", "train", "finetune", "eval", "generate", "serve", "tools", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:

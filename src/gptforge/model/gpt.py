@@ -1,8 +1,10 @@
 """The GPT-3 model (Brown et al. 2020, section 2.1): GPT-2's architecture with optional banded layers.
 
-Legend: B batch, T tokens, D d_model, V vocab_size.
+Legend: B batch, T tokens, D d_model, V vocab_size, K n_labels.
 Learned token and position embeddings, pre-LayerNorm blocks (attention, then a 4*D GELU MLP, each with a
-residual connection), a final LayerNorm and an output head tied to the token embedding. Initialisation
+residual connection), a final LayerNorm and an output head tied to the token embedding; with `n_labels > 0`
+also a classification head `score` on the last real token's hidden state (GPT-1, Radford et al. 2018,
+section 3.2). Initialisation
 follows GPT-2 (Radford et al. 2019): normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
 This module knows nothing about optimizers, checkpoints, sampling or parallelism.
 """
@@ -74,6 +76,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         add_lora(self, cfg)  # LoRA adapters around the targeted linear layers (model/lora.py); none if lora_r is 0
         self.tie_weights()
+        if cfg.n_labels > 0:  # named and shaped as Hugging Face's GPT2ForSequenceClassification.score
+            self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=False)
+            self.score_drop = nn.Dropout(cfg.classifier_dropout)
         self.windows = [cfg.local_window if kind == "local" else None for kind in cfg.layer_attention()]
         self.init_weights()
 
@@ -152,25 +157,50 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None):
-        """Next-token logits: the trunk (`hidden`) and the language-model head.
+                kv_cache: KVCache | None = None, head: str = "lm", lengths: torch.Tensor | None = None):
+        """The trunk (`hidden`) and a head: next-token logits, class logits, or both from one pass.
 
         Args:
             tokens: (B, T) int64 token ids, T <= context_length (with a cache: T new tokens that fit in it).
-            targets: optional (B, T) int64 next-token ids; IGNORE_INDEX (-100) positions are skipped.
+            targets: optional (B, T) int64 next-token ids; IGNORE_INDEX (-100) positions are skipped ("lm" only).
             kv_cache: optional cache for incremental decoding; it is read, extended and advanced by T.
+            head: "lm" (the tied language-model head), "classify" (the `score` head on the hidden state of each
+                row's last real token, after `classifier_dropout`) or "both" (one trunk pass for both heads, as a
+                classifier trained with the auxiliary LM loss needs: DDP allows one forward per backward).
+            lengths: (B,) int64 real tokens per right-padded row, for the classification head (None: every row
+                is T long). Padding never influences a real token (causal attention), so a padded row's class
+                logits equal the unpadded row's.
 
         Returns:
-            logits (B, T, V) in the parameter dtype, or `(logits, loss)` with targets, where loss is the
-            mean cross-entropy (float32 scalar, nats per token) over non-ignored targets.
+            "lm": logits (B, T, V) in the parameter dtype, or `(logits, loss)` with targets, where loss is the
+            mean cross-entropy (float32 scalar, nats per token) over non-ignored targets. "classify": class logits
+            (B, K). "both": `(logits (B, T, V), class logits (B, K))`.
 
         Raises:
-            GptforgeError: T exceeds context_length (or the cache's free slots).
+            GptforgeError: T exceeds context_length (or the cache's free slots), an unknown head, or a
+                classification head asked of a model with n_labels = 0.
         """
-        logits = linear(self.hidden(tokens, kv_cache=kv_cache), self.lm_head)  # (B, T, V)
+        if head not in ("lm", "classify", "both"):
+            raise GptforgeError(f"unknown head {head!r} (allowed: lm, classify, both)")
+        hidden = self.hidden(tokens, kv_cache=kv_cache)  # (B, T, D)
+        if head != "lm":
+            classes = self.classify_hidden(hidden, lengths)  # (B, K)
+            if head == "classify":
+                return classes
+            return linear(hidden, self.lm_head), classes
+        logits = linear(hidden, self.lm_head)  # (B, T, V)
         if targets is None:
             return logits
         return logits, loss_sum(logits, targets) / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    def classify_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Class logits (B, K) from final hidden states (B, T, D): the `score` head on position lengths - 1."""
+        if self.cfg.n_labels <= 0:
+            raise GptforgeError("this model has no classification head (model.n_labels = 0)")
+        B, T, _ = hidden.shape
+        last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=hidden.device)
+        pooled = hidden[torch.arange(B, device=hidden.device), last.long()]  # (B, D)
+        return linear(self.score_drop(pooled), self.score)
 
 
 INIT_BLOCK_ELEMENTS = 1 << 20  # about this many values per independently seeded block of rows (init_rows)

@@ -75,7 +75,7 @@ def _optimizer_step(run: Run, step: int, *, full_accum: int, micro_seqs: int, au
     """Set the scheduled lr, draw the (ramped) number of micro-batches, and run one train_step."""
     cfg, info = run.cfg, run.info
     lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-               decay_steps=cfg.optim.lr_decay_steps or cfg.train.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+               decay_steps=cfg.optim.lr_decay_steps or cfg.train.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio, schedule=cfg.optim.lr_schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     accum = full_accum

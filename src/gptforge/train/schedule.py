@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr_ratio: float,
+          schedule: str = "cosine") -> float:
     """Learning rate for optimizer step `step` (0-based).
 
     Linear warmup to `lr` over `warmup_steps` (step 0 gets lr / warmup_steps, step warmup_steps - 1 gets lr),
     then a cosine from `lr` to `min_lr_ratio * lr` reached at `decay_steps`, then constant
     (Appendix B: "cosine decay for learning rate down to 10% of its value ... after that training continues
-    at 10% of the original learning rate").
+    at 10% of the original learning rate"). `schedule` "linear" decays along a straight line instead (GPT-1's
+    fine-tuning: "linear learning rate decay schedule with warmup over 0.2% of training", Radford et al. 2018,
+    section 4.1, with min_lr_ratio 0).
     """
     min_lr = lr * min_lr_ratio
     if step < warmup_steps:
@@ -19,6 +22,8 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr_r
     if step >= decay_steps:
         return min_lr
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    if schedule == "linear":
+        return lr - progress * (lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 

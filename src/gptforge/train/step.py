@@ -149,7 +149,8 @@ def evaluate(model: torch.nn.Module, val_sets: dict[str, ValSet], device: torch.
     Returns:
         `val_loss` (the main term's mean over all sets together, per unit) and `val_<metric>` for the objective's
         other metrics; with several sets also `val_loss/<set>` and `val_<metric>/<set>` for each. Sums and counts
-        are added over all ranks, so the values do not depend on the micro-batch size or world size.
+        are added over all ranks, so the values do not depend on the micro-batch size or world size. An objective
+        with a `finalize(metrics) -> metrics` method rewrites the result last (e.g. per-class counts to macro-F1).
     """
     model.eval()
     per_set: dict[str, dict[str, list[float]]] = {}
@@ -177,4 +178,5 @@ def evaluate(model: torch.nn.Module, val_sets: dict[str, ValSet], device: torch.
             for n, m in keys:
                 if m == metric:
                     out[f"{name}/{n}"] = totals[(n, m)][0] / totals[(n, m)][1] if totals[(n, m)][1] else float("nan")
-    return out
+    finalize = getattr(objective, "finalize", None)  # metrics that are not ratios of sums (macro-F1)
+    return finalize(out) if finalize is not None else out
