@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +114,22 @@ def char_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("char") / "data"
     prepare(str(src), out, tokenizer="char", progress=False)
     return out
+
+
+def kill_mid_run(args: list, metrics: Path, *, lines: tuple[int, int], env: dict | None = None) -> None:
+    """Start `python -m gptforge ARGS` and SIGKILL it once `metrics` (its metrics.jsonl) has a random number of
+    lines in the range `lines`: a crash at an arbitrary step, for the exact-resume tests.
+
+    Raises:
+        AssertionError: the run finished (or 120 s passed) before it could be killed.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    kill_after, deadline = random.Random().randint(*lines), time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -51,6 +51,7 @@ def weights(run_dir):
     return load_checkpoint(find_resume_checkpoint(run_dir))[0].state_dict()  # either checkpoint format
 
 
+@pytest.mark.slow  # ~30-40 s; test_scale.py's killed FSDP run resuming bitwise covers the default path
 def test_fsdp_saves_reloads_and_continues_identically(char_data, tmp_path):
     common = ["--data_parallel", "fsdp", "--checkpoint_interval", 5]
     full = torchrun(*pretrain_args(char_data, tmp_path / "full", "--max_steps", 10, *common))

@@ -4,18 +4,15 @@ bad input leaves nothing behind; SIGKILL + --resume is bitwise exact; import -> 
 
 import json
 import os
-import random
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import shared_data_dir, skip_without_shared_data
 
+from conftest import kill_mid_run, shared_data_dir, skip_without_shared_data
 from gptforge.checkpoint.io import find_resume_checkpoint, save_checkpoint
 from gptforge.config import Config, ModelConfig, config_from_dict
 from gptforge.model.gpt import GPT
@@ -168,16 +165,8 @@ def test_sigkill_then_resume_is_bitwise_identical(data, tmp_path):
     common = ["--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv", *RESUME]
     cli("finetune", *common, "--out", tmp_path / "ref")
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "finetune", *map(str, common), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    kill_after, metrics, deadline = random.Random().randint(6, 18), out / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    metrics = out / "metrics.jsonl"
+    kill_mid_run(["finetune", *common, "--out", out], metrics, lines=(6, 18), env=ENV)
     cli("finetune", "--data", data / "train.tsv", "--val_data", data / "dev.tsv", "--out", out, "--quiet",
         "--resume")
     a = find_resume_checkpoint(tmp_path / "ref")

@@ -242,6 +242,7 @@ def test_import_gpt2_124m_generates_like_transformers(tmp_path, gpt2_vocab_dir, 
     assert greedy_ids_gptforge(lm.model, ids[:16], 10, 50256) == greedy_ids_hf(hf, ids[:16], 10, 50256)
 
 
+@pytest.mark.slow  # ~30-50 s; test_import_gpt2_124m_generates_like_transformers checks the same parity through the API
 def test_import_cli_generate_matches_transformers_greedy(small_gpt2, tmp_path, corpora):
     src, hf, hf_tok = small_gpt2
     proc = run_cli("import", src, "--out", tmp_path / "run")

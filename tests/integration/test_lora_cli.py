@@ -3,11 +3,8 @@ errors, and PEFT parity of the Hugging Face export (`peft.PeftModel` on the expo
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing may touch the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -16,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import kill_mid_run  # noqa: E402
 from gptforge.checkpoint.convert import export_hf  # noqa: E402
 from gptforge.checkpoint.io import find_resume_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from gptforge.config import Config, ModelConfig, load_config  # noqa: E402
@@ -87,6 +85,7 @@ def test_lora_pretraining_trains_only_the_adapters(lora_run, base_run):
         load_adapter(adapted, ckpt)
 
 
+@pytest.mark.slow  # ~20 s; merge equality runs by default in test_lora.py and test_finetune.py's LoRA test
 def test_generate_merge_generate(lora_run, base_run, tmp_path):
     run, _ = lora_run
     adapted_text = greedy(run)
@@ -153,18 +152,7 @@ def test_sigkill_then_resume_of_a_lora_run_is_bitwise_identical(char_data, base_
     reference = tmp_path / "ref"
     cli("pretrain", *args, "--out", reference, check=True)
     out = tmp_path / "run"
-    kill_after = random.Random().randint(9, 30)
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "pretrain", *map(str, args), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_mid_run(["pretrain", *args, "--out", out], out / "metrics.jsonl", lines=(9, 30))
     cli("pretrain", *args, "--out", out, "--resume", check=True)
     ref_ckpt, got_ckpt = find_resume_checkpoint(reference), find_resume_checkpoint(out)
     assert ref_ckpt.name == got_ckpt.name == "step_00000040"

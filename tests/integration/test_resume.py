@@ -4,17 +4,15 @@ non-finite steps are skipped and stop the run."""
 import json
 import os
 import pickle
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import kill_mid_run
 from gptforge.checkpoint.io import find_resume_checkpoint, load_torch_file
 from gptforge.config import load_config
 from gptforge.errors import GptforgeError
@@ -49,18 +47,8 @@ def reference(char_data, tmp_path_factory):
 
 def test_sigkill_then_resume_is_bitwise_identical(char_data, reference, tmp_path):
     out = tmp_path / "run"
-    kill_after = random.Random().randint(9, 45)
-    proc = subprocess.Popen(cli("pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_mid_run(["pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet"], out / "metrics.jsonl",
+                 lines=(9, 45))
     subprocess.run(cli("pretrain", *ARGS, "--data", char_data, "--out", out, "--quiet", "--resume"), check=True,
                    capture_output=True)
     ref_w, ref_name = final_weights(reference)
