@@ -548,6 +548,8 @@ def _validate_lora(m: ModelConfig, t: TrainConfig) -> None:
     _check(m.lora_r >= 0, f"model.lora_r must be >= 0 (0: no LoRA adapters), got {m.lora_r}")
     if not m.lora_r:
         return
+    _check(m.lora_r <= m.d_model, f"model.lora_r={m.lora_r} exceeds model.d_model={m.d_model}: a low-rank update "
+           "cannot have a rank above the layer's width (typical: 4-64)")
     _check(m.lora_alpha > 0 and math.isfinite(m.lora_alpha), f"model.lora_alpha must be > 0, got {m.lora_alpha}")
     _check(0.0 <= m.lora_dropout < 1.0, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
     names = m.lora_target_names()

@@ -129,6 +129,7 @@ def test_sft_cli_on_gsm8k_masks_prompts(data, tmp_path):
     ("field", r"train.tsv:3: missing field 'label'"),
     ("chars", r"train.tsv:2: the --init model's tokenizer cannot encode this example"),
     ("completion", r"d.jsonl:1: field 'completion' is empty"),
+    ("binary", r"train.tsv is not UTF-8 text \(byte \d+"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, case, message):
     train, dev, init, task = data / "train.tsv", data / "dev.tsv", data / "base", "classify"
@@ -138,6 +139,9 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, case, message)
     elif case == "field":
         train = tmp_path / "train.tsv"
         train.write_text("sentence\tlabel\ngood\t1\nno label here\n")
+    elif case == "binary":  # e.g. a compressed file given by mistake: a one-line error, not a UnicodeDecodeError
+        train = tmp_path / "train.tsv"
+        train.write_bytes(b"sentence\tlabel\n\x1f\x8b\x08\x00\xff\xfe\xfa\t1\n")
     elif case == "chars":  # a character-level init model cannot encode characters it never saw
         from gptforge.tokenizer import CharTokenizer
 
@@ -154,6 +158,20 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, case, message)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert re.search(message, proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_holding_a_users_files_is_refused_and_left_untouched(data, tmp_path):
+    """A directory with files a run would write (config.yaml, metrics.jsonl, labels.json, ...) but no checkpoints is
+    someone's: it is refused as it is, not overwritten or appended to."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("config.yaml", "labels.json", "metrics.jsonl", "notes.txt"):
+        (out / name).write_text(f"my {name}\n")
+    proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
+               "--task", "classify", "--out", out, *FAST, check=False)
+    assert proc.returncode == 2 and "which a run would overwrite" in proc.stderr and "config.yaml" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "labels.json", "metrics.jsonl", "notes.txt"]
+    assert all((out / name).read_text() == f"my {name}\n" for name in ("config.yaml", "labels.json", "metrics.jsonl"))
 
 
 RESUME = ["--task", "classify", "--quiet", "--epochs", 0, "--max_steps", 24, "--checkpoint_interval", 5,

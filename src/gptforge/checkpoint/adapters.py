@@ -115,7 +115,9 @@ def write_peft_adapter(model: torch.nn.Module, out_dir: Path, *, base_model: str
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(out_dir / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        # a classifier's trained `score` head is in the exported base model itself; PEFT's SEQ_CLS task type would
+        # look for it among the adapter's modules_to_save, so no task type is given (PeftModel wraps any model)
+        "peft_type": "LORA", "task_type": None if cfg.n_labels else "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": peft_target_regex(model), "fan_in_fan_out": True, "bias": "none",
         "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False,

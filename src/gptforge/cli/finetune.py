@@ -55,7 +55,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     texts = list(args.text or [])
     if args.file:
-        texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        from gptforge.finetune.formats import read_text
+
+        if not Path(args.file).is_file():
+            raise GptforgeError(f"--file {args.file} not found")
+        texts += [line for line in read_text(Path(args.file)).splitlines() if line.strip()]
+        if not texts:
+            raise GptforgeError(f"--file {args.file} holds no texts (expected one text per line)")
     if not texts:
         raise GptforgeError("classify needs --text TEXT (repeatable) or --file FILE")
     classifier = Classifier(args.run_dir, device=str(resolve_device(args.device)))

@@ -18,6 +18,7 @@ sorted when every label is an integer). Knows nothing of models or training.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +49,31 @@ class ClassExample:
     line: int
 
 
+def read_text(path: Path) -> str:
+    """The whole of a UTF-8 text file (a leading byte-order mark, as spreadsheet programs write, is dropped).
+
+    Raises:
+        GptforgeError: the file is not UTF-8 text (a binary file, another encoding), naming the byte offset.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GptforgeError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 "
+                            "JSONL/TSV/CSV or text file") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GptforgeError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise GptforgeError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((i, obj))
+    for i, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GptforgeError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise GptforgeError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i, obj))
     if not rows:
         raise GptforgeError(f"{path} holds no examples")
     return rows
@@ -190,12 +203,12 @@ def read_classification(path: str | Path, *, text_field: str = "", label_field: 
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = _read_jsonl(path)
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            header = f.readline()
-            f.seek(0)
-            reader = csv.DictReader(f, delimiter=_sniff_delimiter(path, header), quoting=csv.QUOTE_NONE
-                                    if "\t" in header else csv.QUOTE_MINIMAL)
-            rows = [(i + 2, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader)]
+        f = io.StringIO(read_text(path), newline="")
+        header = f.readline()
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=_sniff_delimiter(path, header), quoting=csv.QUOTE_NONE
+                                if "\t" in header else csv.QUOTE_MINIMAL)
+        rows = [(i + 2, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader)]
         if not rows:
             raise GptforgeError(f"{path} holds no examples (expected a header row, then one example per row)")
     first = rows[0][1]

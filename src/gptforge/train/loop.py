@@ -52,6 +52,11 @@ from gptforge.utils.device import resolve_device
 from gptforge.utils.io import atomic_write_text
 from gptforge.utils.logging import MetricsWriter, print0
 
+# What a run writes at the top of its directory (checkpoints/ holds the rest); a new run refuses to start where any
+# of them already exists.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "char_tokenizer.json", "labels.json", "latest", "best",
+             "tensorboard", "metrics.png")
+
 
 @dataclass
 class Task:
@@ -219,6 +224,10 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
     if not resume and any((run_dir / "checkpoints").glob("step_*")):
         raise GptforgeError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
                             "a new --out (nothing was changed)")
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()] if not resume else []
+    if taken:  # never overwrite files this run did not write (a user's, or a run that died before a checkpoint)
+        raise GptforgeError(f"{run_dir} already holds {', '.join(taken)}, which a run would overwrite; choose a new "
+                            "--out (nothing was changed)")
     info = _with_tensor_parallel(info, t.tensor_parallel, t.data_parallel)
     ckpt = find_resume_checkpoint(run_dir if resume == "latest" else resume, info=info) if resume else None
     if ckpt:
