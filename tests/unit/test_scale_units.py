@@ -3,6 +3,8 @@ checkpoints in one process, schema migration, and the planner's host-memory (CPU
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, init_rows
 from gptforge.plan import CPU_RUNTIME_BYTES, memory_per_rank
 from gptforge.train.optim import build_optimizer
+from gptforge.utils.device import meta_device
 
 
 def test_init_rows_of_any_split_equal_the_whole():
@@ -45,12 +48,33 @@ def test_gpt2_init_numerics_and_seeded_meta_build(tiny_cfg):
     assert torch.equal(b.attn.proj.weight, init_rows(std, (32, 32), seed=11, name="blocks.0.attn.proj.weight"))
     assert torch.equal(model.wte.weight, init_rows(0.02, (256, 32), seed=11, name="wte.weight"))
     assert model.lm_head.weight is model.wte.weight
-    with torch.device("meta"):
+    with meta_device():
         meta = GPT(tiny_cfg)
     materialize(meta, torch.device("cpu"), seed=11)
     assert meta.lm_head.weight is meta.wte.weight  # tied again after to_empty
     for (name, a), (_, c) in zip(model.named_parameters(), meta.named_parameters()):
         assert torch.equal(a, c), name
+
+
+def test_meta_device_skips_initialisers_of_meta_tensors_only():
+    with meta_device():
+        layer = torch.nn.Linear(8, 4)
+        cpu = torch.zeros(3, 5, device="cpu")
+        torch.nn.init.normal_(cpu, std=1.0)  # a real tensor is still initialised
+    assert layer.weight.is_meta and layer.weight.shape == (4, 8)
+    assert cpu.abs().sum() > 0
+
+
+def test_loading_a_model_does_not_import_dynamo(tiny_cfg, tmp_path):
+    """Inference start-up: the meta build must not run initialisers whose meta kernels import torch._dynamo."""
+    from gptforge.tokenizer import train_char
+
+    ckpt = save_checkpoint(tmp_path, step=1, cfg=Config(model=tiny_cfg), tokenizer=train_char(["ab"]),
+                           model=GPT(tiny_cfg))
+    code = "import sys, gptforge; gptforge.load(sys.argv[1]); print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def _trained(tiny_cfg):

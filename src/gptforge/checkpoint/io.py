@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from gptforge.config import Config, config_from_dict
 from gptforge.errors import GptforgeError
+from gptforge.utils.device import meta_device
 from gptforge.utils.io import atomic_replace_dir, atomic_write_json, atomic_write_text, sha256_file
 from gptforge.utils.logging import print0
 
@@ -387,7 +388,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     cfg: Config = config_from_dict(read_json(ckpt / "config.json"))
     state = read_json(ckpt / "state.json")
     tokenizer = load_tokenizer(ckpt)
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(cfg.model)
     model.to_empty(device=device)
     model.tie_weights()

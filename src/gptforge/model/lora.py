@@ -28,6 +28,7 @@ from torch import nn
 
 from gptforge.config import LORA_TARGETS, ModelConfig
 from gptforge.errors import GptforgeError
+from gptforge.utils.device import meta_device
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -309,7 +310,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not model.cfg.lora_r:
         raise GptforgeError("nothing to merge: the model has no LoRA adapters (model.lora_r=0)")
     state = merged_state(model)
-    with torch.device("meta"):
+    with meta_device():
         merged = GPT(plain_config(model.cfg))
     merged.to_empty(device="cpu")
     merged.tie_weights()

@@ -48,7 +48,7 @@ from gptforge.train.optim import build_optimizer
 from gptforge.train.progress import run_steps
 from gptforge.train.rng import capture_rng, restore_rng
 from gptforge.train.step import compute_dtype
-from gptforge.utils.device import resolve_device
+from gptforge.utils.device import meta_device, resolve_device
 from gptforge.utils.io import atomic_write_text
 from gptforge.utils.logging import MetricsWriter, print0
 
@@ -180,7 +180,7 @@ def _build_model(cfg: Config, task: Task, ckpt: Path | None, info: DistInfo) -> 
     and fill it: resumed weights, or the seeded GPT-2 initialisation (the same at any world size) followed by
     `init_from` weights, each read straight into the shards. Returns (model, module to call in steps)."""
     t = cfg.train
-    with torch.device("meta"):
+    with meta_device():
         model = GPT(cfg.model)
         before = {name for name, _ in model.named_parameters()}
         if task.setup_model is not None:

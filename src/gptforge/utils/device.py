@@ -1,8 +1,13 @@
-"""Turning a device setting ("auto", "cpu", "cuda:1", ...) into a usable torch.device, or a clear error."""
+"""Turning a device setting ("auto", "cpu", "cuda:1", ...) into a usable torch.device, or a clear error; building
+modules on the meta device without running their initialisers."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 from gptforge.errors import GptforgeError
 
@@ -33,3 +38,30 @@ def resolve_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# torch.nn.init functions that modules' reset_parameters() call; on a meta tensor they would do nothing useful.
+_INITIALISERS = frozenset(getattr(torch.nn.init, name) for name in (
+    "normal_", "uniform_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_", "kaiming_normal_",
+    "xavier_uniform_", "xavier_normal_", "orthogonal_"))
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Returns a meta tensor unchanged from torch.nn.init's initialisers instead of running them: their meta
+    kernels are Python decompositions whose first call imports torch._dynamo (about 1 s of start-up on a CPU)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Modules built inside get meta parameters (shapes only, no storage) and skip their default initialisation,
+    which the caller replaces anyway (`materialize`, a weight file). Like `with torch.device("meta")`, faster."""
+    with torch.device("meta"), _SkipMetaInit():
+        yield
