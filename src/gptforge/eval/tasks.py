@@ -19,7 +19,6 @@ from __future__ import annotations
 import bz2
 import csv
 import difflib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.io import parse_jsonl
 
 DATA_ENV = "GPTFORGE_EVAL_DATA"
 
@@ -72,25 +72,12 @@ def _open_text(path: Path):
 
 
 def _jsonl(path: Path, expected: str) -> list[dict[str, Any]]:
-    records = []
     with _open_text(path) as f:
         try:
             lines = list(f)
         except (UnicodeDecodeError, OSError, EOFError) as exc:
             raise GptforgeError(f"cannot read {path}: {exc}; expected {expected}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GptforgeError(f"{path}:{n}: not a JSON line ({exc.msg}); expected {expected}") from None
-        if not isinstance(rec, dict):
-            raise GptforgeError(f"{path}:{n}: not a JSON object; expected {expected}")
-        records.append(rec)
-    if not records:
-        raise GptforgeError(f"{path} holds no records; expected {expected}")
-    return records
+    return [rec for _, rec in parse_jsonl(lines, path, expected)]
 
 
 def _get(rec: dict, key: str, kind: type, path: Path, n: int, expected: str):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.utils.io import parse_jsonl
 
 # Stanford Alpaca's prompt template (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -63,20 +63,8 @@ def read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for i, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GptforgeError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise GptforgeError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((i, obj))
-    if not rows:
-        raise GptforgeError(f"{path} holds no examples")
-    return rows
+    # not splitlines: JSON strings may hold U+2028
+    return parse_jsonl(read_text(path).split("\n"), path, "one JSON object per line (an example)")
 
 
 def _text(obj: dict, name: str, path: Path, line: int, *, allow_empty: bool = False) -> str:

@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from gptforge.errors import GptforgeError
 
 
 def cache_dir() -> Path:
@@ -80,3 +82,26 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def parse_jsonl(lines: Iterable[str], path: Path, expected: str) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSONL file's lines, each with its 1-based line number; blank lines are skipped.
+
+    Raises:
+        GptforgeError: "{path}:{line}: ..." for a line that is not JSON or not an object, or a file without
+            records; each message ends with `expected` (the format the caller wants, in words).
+    """
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GptforgeError(f"{path}:{n}: not a JSON line ({exc.msg}); expected {expected}") from None
+        if not isinstance(obj, dict):
+            raise GptforgeError(f"{path}:{n}: not a JSON object (got {type(obj).__name__}); expected {expected}")
+        records.append((n, obj))
+    if not records:
+        raise GptforgeError(f"{path} holds no records; expected {expected}")
+    return records
