@@ -41,7 +41,9 @@ def _ok(url):
 
 
 def test_serve_answers_and_shuts_down_gracefully_on_sigterm(tiny_run):
-    proc, url = start(tiny_run, "--served_model_name", "demo", "--shutdown_timeout", 2,
+    # The stream must outlast the shutdown grace period on any machine: the tiny model writes thousands of tokens
+    # a second on a quiet CPU (4000 tokens once finished inside a 2 s grace period), so it asks for a million.
+    proc, url = start(tiny_run, "--served_model_name", "demo", "--shutdown_timeout", 2, "--max_tokens_cap", 10**6,
                       env={"GPTFORGE_API_KEY": "k"})
     try:
         headers = {"Authorization": "Bearer k"}
@@ -49,7 +51,7 @@ def test_serve_answers_and_shuts_down_gracefully_on_sigterm(tiny_run):
                           headers=headers, timeout=TIMEOUT)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         assert requests.post(url + "/v1/completions", json={"prompt": "x"}, timeout=TIMEOUT).status_code == 401
-        stream = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4000, "stream": True, "ignore_eos": True},
+        stream = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 10**6, "stream": True, "ignore_eos": True},
                                headers=headers, stream=True, timeout=TIMEOUT)
         lines = stream.iter_lines()
         first = next(line for line in lines if line)
