@@ -258,22 +258,24 @@ def test_auth_body_limit_and_queue_limit(tiny_run):
         wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, what="the engine to drain")
 
 
-def test_client_disconnect_cancels_the_request(server):
-    url, app = server
-    engine = app.state.ctx.engine
-    r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 512, "stream": True}, stream=True)
-    next(r.iter_lines())
-    assert engine.num_running == 1
-    r.close()
-    wait_until(lambda: engine.num_running == 0, what="the streaming request to be cancelled")
-    # a non-streaming request whose client goes away is cancelled too
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "x", "max_tokens": 512}).encode()
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_until(lambda: engine.num_running == 1, what="the request to start")
-    wait_until(lambda: engine.num_running == 0, what="the abandoned request to be cancelled")
+def test_client_disconnect_cancels_the_request(tiny_run):
+    """Requests of a million tokens (far more than the 120 s wait allows) end only if the disconnect cancels them."""
+    with live_server(tiny_run, max_tokens_cap=10**6) as (url, app):
+        engine = app.state.ctx.engine
+        endless = {"prompt": "x", "max_tokens": 10**6, "ignore_eos": True}
+        r = post(url, "/v1/completions", {**endless, "stream": True}, stream=True)
+        next(r.iter_lines())
+        assert engine.num_running == 1
+        r.close()
+        wait_until(lambda: engine.num_running == 0, what="the streaming request to be cancelled")
+        # a non-streaming request whose client goes away is cancelled too
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps(endless).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: engine.num_running == 1, what="the request to start")
+        wait_until(lambda: engine.num_running == 0, what="the abandoned request to be cancelled")
 
 
 def test_64_concurrent_streaming_clients(server, lm):
