@@ -97,14 +97,19 @@ def test_missing_and_corrupt_shards(tmp_path: Path) -> None:
         load_meta(tmp_path / "d")
 
 
-def test_rerun_replaces_only_own_files(tmp_path: Path) -> None:
+def test_finished_data_is_replaced_only_with_overwrite_and_only_own_files(tmp_path: Path) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "d"
     first = prepare(str(corpus), out, tokenizer="char", num_proc=1, shard_tokens=2000, progress=False)
     (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(GptforgeError, match="already holds prepared data.*--overwrite"):
+        prepare(str(corpus), out, tokenizer="bpe", vocab_size=300, num_proc=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # a run's data is never lost
     corpus.write_text(TEXT[: len(TEXT) // 3])
-    second = prepare(str(corpus), out, tokenizer="char", num_proc=1, shard_tokens=2000, progress=False)
+    second = prepare(str(corpus), out, tokenizer="char", num_proc=1, shard_tokens=2000, progress=False,
+                     overwrite=True)
     assert len(second["sources"][0]["shards"]) < len(first["sources"][0]["shards"])
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted(["notes.txt", "meta.json", "char_tokenizer.json",

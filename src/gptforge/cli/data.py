@@ -22,7 +22,7 @@ def _sample_bytes(text: str) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenize a corpus, or a weighted mixture of corpora, into token shards plus the tokenizer and meta.json;
     optionally deduplicate and quality-filter the documents. Re-run the same command to resume an interrupted
-    run."""
+    run; a finished one is replaced only with --overwrite."""
     from gptforge.data.dedup import DedupConfig
     from gptforge.data.prepare import prepare
     from gptforge.data.quality import QualityConfig
@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                    val_fraction=args.val_fraction, text_field=args.text_field, documents=args.documents,
                    num_proc=args.num_proc, shard_tokens=args.shard_tokens,
                    tokenizer_sample_bytes=args.tokenizer_sample_bytes, dedup=dedup, quality=quality,
-                   dedup_report=args.dedup_report, progress=not args.quiet)
+                   dedup_report=args.dedup_report, progress=not args.quiet, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     _print_table(meta)
     print(f"prepared {meta['documents']} documents, {meta['bytes']:,} bytes -> {meta['tokens']['train']:,} train "
@@ -115,6 +115,8 @@ def register(sub) -> None:
     p.add_argument("--quality_filter", default=None, metavar="FILE", help="reuse a saved quality_filter.npz")
     p.add_argument("--quality_alpha", type=float, default=9.0, help="Pareto shape of the keep rule (9, GPT-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the quality sample and keep draws (0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the prepared data already in --out (refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_prepare, overrides=False)
 

@@ -69,13 +69,14 @@ def prepare(corpus: str | os.PathLike | None, out_dir: str | os.PathLike, *, mix
             documents: str = "file", num_proc: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             tokenizer_sample_bytes: int = DEFAULT_TOKENIZER_SAMPLE_BYTES, dedup: DedupConfig | None = None,
             quality: QualityConfig | None = None, dedup_report: str | os.PathLike | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize a corpus, or a mixture, into `out_dir/{shards/, meta.json}` plus the tokenizer file.
 
     Args:
         corpus: a corpus source (file, folder, glob, .jsonl/.parquet, hf:NAME, `shakespeare`, `python-stdlib`);
             None when `mixture` is given.
-        out_dir: the data directory; created if missing. Only gptforge's own files in it are replaced.
+        out_dir: the data directory; created if missing. A directory that already holds a finished preparation
+            (meta.json) is refused unless `overwrite`; then only gptforge's own files in it are replaced.
         mixture: a mixture YAML file (see `data.mixture`) instead of `corpus`.
         tokenizer: "bpe" (train byte-level BPE), "char" (train character-level), or the path of an
             existing tokenizer (directory or tokenizer.json) to reuse without training.
@@ -95,10 +96,14 @@ def prepare(corpus: str | os.PathLike | None, out_dir: str | os.PathLike, *, mix
         The metadata written to `meta.json` (see `data.shards.load_meta`).
 
     Raises:
-        GptforgeError: a bad argument or mixture file, a missing or empty corpus or reference, an unknown
+        GptforgeError: `out_dir` already holds prepared data and `overwrite` is False; a bad argument or
+            mixture file, a missing or empty corpus or reference, an unknown
             character for a reused char tokenizer, or a source left too small for both splits.
     """
     out = Path(out_dir)
+    if (out / META_FILE).is_file() and not overwrite:
+        raise GptforgeError(f"{out} already holds prepared data (meta.json), which runs may have been trained on; "
+                            "choose a new --out, or pass --overwrite to replace it (nothing was changed)")
     specs, note = _sources(corpus, mixture, documents, text_field, quality)
     if note:
         print(f"note: {note}", file=sys.stderr)
