@@ -84,10 +84,12 @@ def assert_hf_classifier_parity(run, export_dir, texts):
 
 def test_classify_cli_on_sst2_then_classify_generate_export(data, tmp_path):
     out = tmp_path / "cls"
+    steps_only = [x for x in FAST if x not in ("--epochs", 0)]  # --max_steps alone must win over the preset's epochs
     proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
-               "--task", "classify", "--out", out, *FAST)
+               "--task", "classify", "--out", out, *steps_only)
     log = proc.stdout + proc.stderr
     assert "labels: 0=0, 1=1" in log and "val loss" in log and "macro_f1" in proc.stdout
+    assert "--max_steps given, so finetune.epochs is 0" in log
     assert json.loads((out / "labels.json").read_text())["labels"] == ["0", "1"]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_accuracy" in r]

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
-from gptforge.utils.logging import is_main_process
+from gptforge.utils.logging import is_main_process, print0
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     """Fine-tune a run (or a `gptforge import`ed GPT-2) on labeled data: --task sft (JSONL prompt/completion,
     Alpaca or chat; prompts masked from the loss) or --task classify (TSV/CSV/JSONL text + label; GPT-1 recipe).
-    `--field value` overrides any config field (e.g. --mask_prompt false, --lm_loss_weight 0, --epochs 1)."""
+    `--field value` overrides any config field (e.g. --mask_prompt false, --lm_loss_weight 0, --epochs 1); an
+    explicit --max_steps replaces the recipe's epoch count."""
     from gptforge.cli.train import resume_config
-    from gptforge.config import PRESETS, load_config, parse_overrides
+    from gptforge.config import ALIASES, PRESETS, load_config, parse_overrides
     from gptforge.finetune import finetune
 
     overrides = parse_overrides(extra)
@@ -35,6 +36,10 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
             preset, path = path, None  # --config finetune-classify names the preset
         if preset is None and path is None:
             preset = f"finetune-{args.task}"
+        names = {ALIASES.get(key.rpartition(".")[2], key.rpartition(".")[2]) for key, _ in overrides}
+        if "max_steps" in names and "epochs" not in names:  # the user's step count wins over the recipe's epochs
+            overrides.append(("finetune.epochs", "0"))
+            print0("note: --max_steps given, so finetune.epochs is 0 (the recipe's epoch count is not used)")
         cfg = load_config(preset=preset, path=path, overrides=overrides)
     result = finetune(cfg, args.data, args.out, init=args.init, val_data=args.val_data, progress=not args.quiet,
                       resume=args.resume)
