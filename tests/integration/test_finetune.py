@@ -174,6 +174,10 @@ def test_an_out_holding_a_users_files_is_refused_and_left_untouched(data, tmp_pa
     assert proc.returncode == 2 and "which a run would overwrite" in proc.stderr and "config.yaml" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "labels.json", "metrics.jsonl", "notes.txt"]
     assert all((out / name).read_text() == f"my {name}\n" for name in ("config.yaml", "labels.json", "metrics.jsonl"))
+    proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--task", "classify",
+               "--out", out / "notes.txt", *FAST, check=False)  # a file given as the run directory
+    assert proc.returncode == 2 and "is a file, not a run directory" in proc.stderr
+    assert (out / "notes.txt").read_text() == "my notes.txt\n"
 
 
 RESUME = ["--task", "classify", "--quiet", "--epochs", 0, "--max_steps", 24, "--checkpoint_interval", 5,

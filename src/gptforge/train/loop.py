@@ -221,6 +221,9 @@ def _build(cfg: Config, make_task: TaskFactory, run_dir: Path, info: DistInfo, r
     torch.manual_seed(t.seed)
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptforgeError(f"--out {run_dir} is a file, not a run directory; choose a new --out (nothing was "
+                            "changed)")
     if not resume and any((run_dir / "checkpoints").glob("step_*")):
         raise GptforgeError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose "
                             "a new --out (nothing was changed)")
