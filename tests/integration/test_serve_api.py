@@ -220,6 +220,8 @@ def test_malformed_bodies_unknown_models_and_paths(server, caplog):
         r = requests.post(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"},
                           timeout=TIMEOUT)
         assert r.status_code == 400 and "error" in r.json(), (data, r.text)
+        if data == b"":
+            assert r.json()["error"]["message"] == "the request body is empty; send a JSON object"
     r = requests.post(url + "/v1/completions", data=b'{"prompt": "x"}', timeout=TIMEOUT)  # no content type
     assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
     r = post(url, "/v1/completions", {"prompt": "x", "model": "gpt-4"})

@@ -198,6 +198,8 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
     kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
     if kind in ("json_invalid", "json_type"):
         return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})", None
+    if kind == "missing" and param is None:  # no body at all
+        return "the request body is empty; send a JSON object", None
     if kind == "missing":
         return f"'{param}' is required", param
     if param is None:
