@@ -71,8 +71,8 @@ def format_table(report: dict[str, Any]) -> str:
         notes.append(f"clean_only: {report['clean_only']} (only the items listed there)")
     for r in report["results"]:
         if r["n_skipped"] or r["n_truncated"]:
-            why = "".join(f" ({n} {reason})" for reason, n in r["skipped"].items())
-            notes.append(f"{r['task']} K={r['k']}: {r['n_skipped']} items skipped{why}, "
+            why = "; ".join(f"{n}: {reason}" for reason, n in r["skipped"].items())
+            notes.append(f"{r['task']} K={r['k']}: {r['n_skipped']} items skipped{f' ({why})' if why else ''}, "
                          f"{r['n_truncated']} with the context cut from the left to fit the window")
     return "\n".join(lines + [""] + notes)
 
