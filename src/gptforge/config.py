@@ -8,7 +8,8 @@ a named preset (`PRESETS`, the GPT-3 paper's Table 2.1 plus small CPU presets), 
 `--field=value` or `--section.field value`. Every field name is unique across sections, so the
 short form is unambiguous. Unknown names are errors that suggest the closest valid name.
 
-This module imports nothing else from gptforge but `errors`.
+This module imports nothing else from gptforge but `errors`. It is past 500 lines on purpose: fields, presets,
+aliases, parsing and validation stay in one place, so every name a user can type is checked against one table.
 """
 
 from __future__ import annotations
@@ -350,10 +351,16 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+def field_name(key: str) -> str:
+    """The field an override key names: "section.field" or "field", aliases resolved ("train.max_iters" ->
+    "max_steps")."""
+    name = key.rpartition(".")[2]
+    return ALIASES.get(name, name)
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     """Set `key` ("field" or "section.field") on `cfg`, converting the value to the field's type."""
-    section, _, name = key.rpartition(".")
-    name = ALIASES.get(name, name)
+    section, name = key.rpartition(".")[0], field_name(key)
     if name in DERIVED:
         raise GptforgeError(f"config: cannot set '{name}': {DERIVED[name]}")
     if not section:

@@ -16,7 +16,7 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     `--field value` overrides any config field (e.g. --mask_prompt false, --lm_loss_weight 0, --epochs 1); an
     explicit --max_steps replaces the recipe's epoch count."""
     from gptforge.cli.train import resume_config
-    from gptforge.config import ALIASES, PRESETS, load_config, parse_overrides
+    from gptforge.config import PRESETS, field_name, load_config, parse_overrides
     from gptforge.finetune import finetune
 
     overrides = parse_overrides(extra)
@@ -36,7 +36,7 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
             preset, path = path, None  # --config finetune-classify names the preset
         if preset is None and path is None:
             preset = f"finetune-{args.task}"
-        names = {ALIASES.get(key.rpartition(".")[2], key.rpartition(".")[2]) for key, _ in overrides}
+        names = {field_name(key) for key, _ in overrides}
         if "max_steps" in names and "epochs" not in names:  # the user's step count wins over the recipe's epochs
             overrides.append(("finetune.epochs", "0"))
             print0("note: --max_steps given, so finetune.epochs is 0 (the recipe's epoch count is not used)")

@@ -97,8 +97,8 @@ def prepare(corpus: str | os.PathLike | None, out_dir: str | os.PathLike, *, mix
 
     Raises:
         GptforgeError: `out_dir` already holds prepared data and `overwrite` is False; a bad argument or
-            mixture file, a missing or empty corpus or reference, an unknown
-            character for a reused char tokenizer, or a source left too small for both splits.
+            mixture file, a missing or empty corpus or reference, an unknown character for a reused char
+            tokenizer, or a source left too small for both splits.
     """
     out = Path(out_dir)
     if (out / META_FILE).is_file() and not overwrite:
