@@ -28,7 +28,7 @@ from gptforge.errors import GptforgeError
 ATTENTION_KINDS = ("dense", "local")
 # LoRA target names (model.lora_targets) -> the linear layers they adapt, by the model's own module names.
 LORA_TARGETS = {"qkv": "attn.qkv", "attn_proj": "attn.proj", "mlp_fc": "mlp.fc", "mlp_proj": "mlp.proj",
-                "lm_head": "lm_head"}
+                "lm_head": "lm_head", "wte": "wte"}
 
 
 @dataclass
@@ -43,9 +43,10 @@ class ModelConfig:
     final hidden state, with dropout `classifier_dropout` before it (GPT-1, Radford et al. 2018, section 3.2);
     0 means no head.
 
-    LoRA (Hu et al. 2021): with `lora_r > 0` every linear layer named in `lora_targets` (comma-separated names of
-    `LORA_TARGETS`: qkv, attn_proj, mlp_fc, mlp_proj, lm_head) gains a rank-`lora_r` update scaled by
-    `lora_alpha / lora_r`, with dropout `lora_dropout` on its input (model/lora.py). The default target is the
+    LoRA (Hu et al. 2021): with `lora_r > 0` every layer named in `lora_targets` (comma-separated names of
+    `LORA_TARGETS`: the linear layers qkv, attn_proj, mlp_fc, mlp_proj, lm_head, and wte, the token embedding's
+    lookup) gains a rank-`lora_r` update scaled by `lora_alpha / lora_r`, with dropout `lora_dropout` on a linear
+    layer's input (model/lora.py). The default target is the
     fused attention input projection: Hu et al. (section 7.1, Table 5) find adapting the query and value
     projections the best use of a fixed budget, and GPT-2 fuses q, k and v into one matrix (PEFT's default for
     GPT-2 is the same `c_attn`).

@@ -16,7 +16,7 @@ from conftest import kill_mid_run, shared_data_dir, skip_without_shared_data
 from gptforge.checkpoint.io import find_resume_checkpoint, save_checkpoint
 from gptforge.config import Config, ModelConfig, config_from_dict
 from gptforge.model.gpt import GPT
-from gptforge.tokenizer import train_bpe
+from gptforge.tokenizer import load_tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -235,8 +235,10 @@ def test_import_finetune_export_round_trip(data, tmp_path):
 def test_lora_classify_then_merge_then_classify(data, tmp_path):
     out, merged = tmp_path / "lora", tmp_path / "merged"
     proc = cli("finetune", "--init", data / "base", "--data", data / "train.tsv", "--val_data", data / "dev.tsv",
-               "--task", "classify", "--out", out, *FAST, "--lora_r", 8, "--lr", 1e-2)
-    assert "LoRA: 2,112 trainable of " in proc.stderr  # qkv adapters 2 layers x 8 x (32 + 96) + score 2 x 32
+               "--task", "classify", "--out", out, *FAST, "--lora_r", 8, "--lora_targets", "qkv,wte", "--lr", 1e-2)
+    # qkv adapters 2 layers x 8 x (32 + 96) + token embedding 8 x (V + 32) + score 2 x 32
+    vocab = load_tokenizer(data / "base").vocab_size
+    assert f"LoRA: {2112 + 8 * (vocab + 32):,} trainable of " in proc.stderr
     ckpt = find_resume_checkpoint(out)
     assert {"adapter.safetensors", "adapter.json", "labels.json"} <= {p.name for p in ckpt.iterdir()}
     tuned = load_file(str(ckpt / "model.safetensors"))

@@ -19,7 +19,7 @@ from gptforge.checkpoint.io import find_resume_checkpoint, load_checkpoint, save
 from gptforge.config import Config, ModelConfig, load_config  # noqa: E402
 from gptforge.errors import GptforgeError  # noqa: E402
 from gptforge.model.gpt import GPT  # noqa: E402
-from gptforge.model.lora import LoRALinear, load_adapter, merge_lora  # noqa: E402
+from gptforge.model.lora import LoRAEmbedding, LoRALinear, load_adapter, merge_lora  # noqa: E402
 from gptforge.tokenizer import load_tokenizer, train_bpe  # noqa: E402
 
 LORA = ["--preset", "debug", "--lora_r", "8", "--lora_alpha", "16", "--lr", "1e-2", "--warmup_steps", "0",
@@ -164,13 +164,11 @@ def test_sigkill_then_resume_of_a_lora_run_is_bitwise_identical(char_data, base_
 # ------------------------------------------------------------------------------------------------ PEFT
 
 
-@pytest.fixture(scope="module")
-def bpe_lora_run(tmp_path_factory, shared_data_dir_path):
-    """A BPE-tokenized LoRA run on every block linear layer, with random (non-zero) adapters."""
-    text = (shared_data_dir_path / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+def save_bpe_lora_run(run, text, targets):
+    """A BPE-tokenized LoRA run with random (non-zero) adapters on `targets`."""
     tok = train_bpe([text], vocab_size=400)
     cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, context_length=64,
-                                   lora_r=4, lora_alpha=8.0, lora_targets="qkv,attn_proj,mlp_fc,mlp_proj"))
+                                   lora_r=4, lora_alpha=8.0, lora_targets=targets))
     torch.manual_seed(0)
     model = GPT(cfg.model)
     gen = torch.Generator().manual_seed(2)
@@ -178,9 +176,21 @@ def bpe_lora_run(tmp_path_factory, shared_data_dir_path):
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
-    run = tmp_path_factory.mktemp("bpe") / "run"
+            elif isinstance(m, LoRAEmbedding):  # A starts at zero there
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=gen) * 0.05)
     save_checkpoint(run, step=3, cfg=cfg, tokenizer=tok, model=model, state={"tokens_seen": 0})
     return run, tok
+
+
+@pytest.fixture(scope="module")
+def shakespeare_text(shared_data_dir_path):
+    return (shared_data_dir_path / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+
+
+@pytest.fixture(scope="module")
+def bpe_lora_run(tmp_path_factory, shakespeare_text):
+    """A BPE-tokenized LoRA run on every block linear layer, with random (non-zero) adapters."""
+    return save_bpe_lora_run(tmp_path_factory.mktemp("bpe") / "run", shakespeare_text, "qkv,attn_proj,mlp_fc,mlp_proj")
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +236,30 @@ def test_export_merged_matches_the_adapted_model(bpe_lora_run, tmp_path):
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
         assert (merge_lora(model)(ids) - model(ids)).abs().max() <= 1e-5
+
+
+def test_peft_loads_an_embedding_adapter_with_the_same_logits(tmp_path, shakespeare_text):
+    """Target wte: PEFT's lora_embedding_A/B (its layout is ours), the tied head left alone as under PEFT; a language
+    model's embedding adapter cannot be merged (it would change the tied head), so export --merged refuses."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    run, tok = save_bpe_lora_run(tmp_path / "run", shakespeare_text, "wte,mlp_fc")
+    out = export_hf(run, tmp_path / "hf")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == r"transformer\.h\.\d+\.(mlp\.c_fc)|transformer\.wte"
+    keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert keys["base_model.model.transformer.wte.lora_embedding_A"].shape == (4, tok.vocab_size)
+    assert keys["base_model.model.transformer.wte.lora_embedding_B"].shape == (64, 4)
+    base = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    plain = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    hf = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    assert sum(isinstance(m, peft.tuners.lora.Embedding) for m in hf.modules()) == 1
+    model, _, _, _ = load_checkpoint(run)
+    ids = torch.tensor([tok.encode("ROMEO: What light through yonder window breaks?")[:40]])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+        assert (ours - theirs).abs().max() <= 1e-4
+        assert (ours - plain(ids).logits).abs().max() > 1e-2
+    with pytest.raises(GptforgeError, match="cannot merge a LoRA adapter on wte into a language model"):
+        export_hf(run, tmp_path / "merged", merged=True)
+    assert not (tmp_path / "merged").exists()

@@ -14,6 +14,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model.gpt import GPT, count_parameters
 from gptforge.model.linear import linear
 from gptforge.model.lora import (
+    LoRAEmbedding,
     LoRALinear,
     adapter_state,
     freeze_base,
@@ -41,7 +42,7 @@ def randomize_b(model, seed=1):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.5)
 
 
-@pytest.mark.parametrize("targets", ["qkv", ALL + ",lm_head"])
+@pytest.mark.parametrize("targets", ["qkv", ALL + ",lm_head", "wte,mlp_fc"])
 def test_fresh_adapter_leaves_logits_unchanged(tiny_cfg, targets):
     torch.manual_seed(3)
     base = GPT(tiny_cfg)
@@ -50,9 +51,11 @@ def test_fresh_adapter_leaves_logits_unchanged(tiny_cfg, targets):
     x = torch.randint(0, 256, (2, 16))
     assert torch.equal(base(x), adapted(x))  # B = 0 and the base weights are drawn from the same seed by name
     lora = [n for n, _ in adapted.named_parameters() if "lora" in n]
-    assert len(lora) == 2 * (2 * (len(targets.split(",")) - ("lm_head" in targets)) + ("lm_head" in targets))
+    whole_model = sum(t in ("lm_head", "wte") for t in targets.split(","))  # one module, not one per block
+    assert len(lora) == 2 * (2 * (len(targets.split(",")) - whole_model) + whole_model)
     assert adapted.lm_head.weight is adapted.wte.weight  # the tied head stays tied under an adapter
-    assert adapted.blocks[0].attn.qkv.lora_A.shape == (4, 32) and adapted.blocks[0].attn.qkv.lora_B.shape == (96, 4)
+    layer, width = (adapted.blocks[0].attn.qkv, 96) if "qkv" in targets else (adapted.blocks[0].mlp.fc, 128)
+    assert layer.lora_A.shape == (4, 32) and layer.lora_B.shape == (width, 4)
     # base parameter names are unchanged: a base checkpoint's state dict fits apart from the adapters
     assert set(base.state_dict()) == {k for k in adapted.state_dict() if "lora" not in k}
 
@@ -78,6 +81,58 @@ def test_merge_equals_adapted_model(tiny_cfg):
     adapted_logits, merged_logits = model(x), merged(x)
     assert (adapted_logits - merged_logits).abs().max() <= 1e-5
     assert (adapted_logits - GPT(tiny_cfg).eval()(x)).abs().max() > 1e-2  # the adapters do change the output
+
+
+def test_embedding_adapter_adds_a_low_rank_update_to_each_row(tiny_cfg):
+    layer = LoRAEmbedding(torch.nn.Embedding(10, 6), r=2, alpha=6.0)
+    assert torch.count_nonzero(layer.lora_A) == 0 and layer.lora_A.shape == (2, 10) and layer.lora_B.shape == (6, 2)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+    ids = torch.tensor([[3, 0, 9], [3, 3, 1]])
+    table = layer.weight + 3.0 * (layer.lora_B @ layer.lora_A).T  # (V, D): PEFT's delta weight
+    torch.testing.assert_close(layer(ids), table[ids])
+    torch.testing.assert_close(layer.delta() + layer.weight, table)
+    model = GPT(lora_cfg(tiny_cfg, n_layer=4, d_model=64, vocab_size=512, lora_targets="wte"))
+    assert abs(model.wte.lora_B.std().item() - 1.0) < 0.1  # PEFT's N(0, 1)
+
+
+def test_embedding_adapter_trains_the_rows_of_seen_tokens_only(tiny_cfg):
+    model = GPT(lora_cfg(tiny_cfg, lora_targets="wte"))
+    trainable, _ = freeze_base(model)
+    assert trainable == 4 * (256 + 32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0), "cpu")
+    x = torch.randint(0, 100, (4, 16))  # ids 100..255 never appear
+    for _ in range(3):
+        train_step(model, opt, [Batch(x, torch.roll(x, -1, 1))], grad_clip=1.0)
+    A = model.wte.lora_A.detach()
+    assert torch.count_nonzero(A[:, 100:]) == 0 and torch.count_nonzero(A[:, x.unique()].abs() > 0) > 0
+    assert torch.equal(model.wte.weight, before["wte.weight"]) and model.wte.weight.grad is None
+    assert {n for n, p in model.named_parameters() if p in opt.state} == {"wte.lora_A", "wte.lora_B"}
+
+
+def test_merge_of_an_embedding_adapter_keeps_class_logits_and_refuses_a_language_model(tiny_cfg):
+    classifier = GPT(lora_cfg(tiny_cfg, lora_targets="qkv,wte", n_labels=3)).eval()
+    randomize_b(classifier)
+    with torch.no_grad():
+        classifier.wte.lora_A.normal_(0.0, 0.1)
+    x, lengths = torch.randint(0, 256, (3, 16)), torch.tensor([16, 5, 9])
+    merged = merge_lora(classifier)
+    want = classifier(x, head="classify", lengths=lengths)
+    assert (merged(x, head="classify", lengths=lengths) - want).abs().max() <= 1e-5
+    assert (want - merge_lora(randomize_emb_off(classifier))(x, head="classify", lengths=lengths)).abs().max() > 1e-3
+    with pytest.raises(GptforgeError, match="cannot merge a LoRA adapter on wte into a language model"):
+        merge_lora(GPT(lora_cfg(tiny_cfg, lora_targets="wte")))
+
+
+def randomize_emb_off(model):
+    """A copy of `model` with its embedding adapter reset to zero (to show that adapter matters)."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.wte.lora_A.zero_()
+    return other
 
 
 def test_merge_refuses_an_adapted_head(tiny_cfg):
@@ -191,7 +246,7 @@ def test_base_checkpoint_loads_into_adapted_model_with_lora_missing_ok(tiny_cfg,
 
 
 def test_meta_build_and_materialize_equals_eager_build(tiny_cfg):
-    cfg = lora_cfg(tiny_cfg, lora_targets=ALL + ",lm_head")
+    cfg = lora_cfg(tiny_cfg, lora_targets=ALL + ",lm_head,wte")
     eager = GPT(cfg)
     eager.init_weights(seed=1234)
     with torch.device("meta"):
@@ -204,6 +259,7 @@ def test_meta_build_and_materialize_equals_eager_build(tiny_cfg):
     assert not b["wte.weight"].requires_grad and b["blocks.1.mlp.fc.lora_A"].requires_grad
     assert torch.count_nonzero(b["blocks.0.attn.qkv.lora_B"]) == 0
     assert abs(b["blocks.0.mlp.proj.lora_A"].std().item() - 1 / (3 * 128) ** 0.5) < 0.01
+    assert torch.count_nonzero(b["wte.lora_A"]) == 0 and abs(b["wte.lora_B"].std().item() - 1.0) < 0.3
     assert adapter_state(lazy).keys() == {k for k in b if "lora" in k}
 
 

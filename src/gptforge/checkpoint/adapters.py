@@ -7,7 +7,9 @@ PEFT layout (peft >= 0.17; `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_
                                true (GPT-2 stores its linear layers as Conv1D, (in, out); PEFT issue #568)
     adapter_model.safetensors  base_model.model.transformer.h.N.attn.c_attn.lora_A.weight (r, in) and
                                ...lora_B.weight (out, r): gptforge's A and B unchanged, since PEFT's LoRA layers are
-                               nn.Linear even around a Conv1D
+                               nn.Linear even around a Conv1D; an adapted token embedding as
+                               base_model.model.transformer.wte.lora_embedding_A (r, V) and ...lora_embedding_B
+                               (D, r), gptforge's A and B of `LoRAEmbedding` unchanged
 An adapted lm_head is not exported (the head is tied to the token embedding; see `merged_state`).
 """
 
@@ -30,7 +32,7 @@ from gptforge.checkpoint.io import (
 )
 from gptforge.config import save_config
 from gptforge.errors import GptforgeError
-from gptforge.model.lora import LoRALinear, merge_lora, plain_config
+from gptforge.model.lora import LoRAEmbedding, LoRALinear, merge_lora, plain_config
 from gptforge.utils.io import atomic_write_json
 
 # gptforge module inside a block -> GPT-2 module inside transformer.h.N
@@ -88,10 +90,14 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
 
 def peft_target_regex(model: torch.nn.Module) -> str:
     """PEFT `target_modules` for `model`'s adapted layers: a regex that PEFT full-matches against module paths of
-    a GPT2LMHeadModel, e.g. r"transformer\\.h\\.\\d+\\.(attn\\.c_attn|mlp\\.c_proj)"."""
+    a GPT2LMHeadModel, e.g. r"transformer\\.h\\.\\d+\\.(attn\\.c_attn|mlp\\.c_proj)", with "|transformer\\.wte"
+    when the token embedding is adapted."""
     kinds = sorted({name.split(".", 2)[2] for name, m in model.named_modules() if isinstance(m, LoRALinear)},
                    key=list(HF_MODULES).index)
-    return r"transformer\.h\.\d+\.(" + "|".join(re.escape(HF_MODULES[k]) for k in kinds) + ")"
+    parts = [r"transformer\.h\.\d+\.(" + "|".join(re.escape(HF_MODULES[k]) for k in kinds) + ")"] if kinds else []
+    if isinstance(model.wte, LoRAEmbedding):
+        parts.append(r"transformer\.wte")
+    return "|".join(parts)
 
 
 def write_peft_adapter(model: torch.nn.Module, out_dir: Path, *, base_model: str) -> Path:
@@ -112,6 +118,10 @@ def write_peft_adapter(model: torch.nn.Module, out_dir: Path, *, base_model: str
             prefix = f"base_model.model.transformer.h.{index}.{HF_MODULES[local]}"
             tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()  # (r, in)
             tensors[f"{prefix}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()  # (out, r)
+        elif isinstance(m, LoRAEmbedding):
+            prefix = "base_model.model.transformer.wte"
+            tensors[f"{prefix}.lora_embedding_A"] = m.lora_A.detach().float().cpu().contiguous()  # (r, V)
+            tensors[f"{prefix}.lora_embedding_B"] = m.lora_B.detach().float().cpu().contiguous()  # (D, r)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(out_dir / "adapter_config.json", {

@@ -23,7 +23,7 @@ from gptforge.errors import GptforgeError
 from gptforge.model.attention import CausalSelfAttention
 from gptforge.model.kv_cache import KVCache
 from gptforge.model.linear import linear
-from gptforge.model.lora import add_lora, lora_a_std
+from gptforge.model.lora import LORA_PARAMS, add_lora
 from gptforge.model.loss import IGNORE_INDEX, loss_sum
 
 __all__ = ["GPT", "IGNORE_INDEX", "count_parameters", "flops_per_token", "init_rows"]
@@ -107,12 +107,10 @@ class GPT(nn.Module):
     def init_std(self, name: str) -> float | None:
         """The GPT-2 initialisation of parameter `name` (as named by `named_parameters`): the std of a zero-mean
         normal, 0.0 for zeros (biases), or None for ones (LayerNorm gains). LoRA adapters: B zeros, A normal with
-        std 1 / sqrt(3 * in) (model/lora.py)."""
+        std 1 / sqrt(3 * in); on the token embedding A zeros, B normal (model/lora.py)."""
         owner, _, leaf = name.rpartition(".")
-        if leaf == "lora_B":
-            return 0.0
-        if leaf == "lora_A":
-            return lora_a_std(self.get_submodule(owner).in_features)
+        if leaf in LORA_PARAMS:
+            return self.get_submodule(owner).init_std(leaf)
         if name.endswith("bias"):
             return 0.0
         if ".ln_" in name or name.startswith("ln_f"):
