@@ -14,8 +14,8 @@ with A (r, V) starting at zero (each token's own r numbers) and B (D, r) Gaussia
 for embeddings (its `lora_embedding_A` / `lora_embedding_B`). The tied LM head keeps reading the base matrix, as
 under PEFT. A small model fine-tuned for classification gets most of its gain from moving word embeddings (SST-2,
 4 layers, d_model 128: 0.789 dev accuracy with everything trained, 0.681 with the embeddings frozen), which
-adapters on the linear layers alone cannot do (0.577); with `wte` added LoRA reaches full fine-tuning
-(examples/finetune_sst2.py, docs/finetuning.md).
+adapters on the linear layers alone cannot do (0.577); with `wte` added LoRA comes within 2 points of full
+fine-tuning (examples/finetune_sst2.py, docs/finetuning.md).
 
 Adapters are part of the model config (model.lora_r and friends), so every loader builds the adapted model from
 a checkpoint's config.json. This module also freezes the base (`freeze_base`), folds adapters into the weights
@@ -41,11 +41,38 @@ from gptforge.utils.device import meta_device
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 LORA_PARAMS = ("lora_A", "lora_B")
-TIED_KEYS = ("lm_head.weight",)
-MODEL_LEVEL_TARGETS = ("lm_head", "wte")  # one module for the whole model (the others: one per block)  # the head shares the token embedding's matrix (stored once, as wte.weight)
+TIED_KEYS = ("lm_head.weight",)  # the head shares the token embedding's matrix (stored once, as wte.weight)
+MODEL_LEVEL_TARGETS = ("lm_head", "wte")  # one module for the whole model (the others: one per block)
 
 
-class LoRALinear(nn.Linear):
+class _LowRank:
+    """What both adapted layers share: A (r, n_in), B (n_out, r), scale = alpha / r, and their initialisation
+    from the layer's `init_std(leaf)` (a std, or 0 for zeros)."""
+
+    def _add_adapter(self, like: torch.Tensor, n_in: int, n_out: int, r: int, alpha: float) -> None:
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, device=like.device, dtype=like.dtype))
+        self.lora_B = nn.Parameter(torch.empty(n_out, r, device=like.device, dtype=like.dtype))
+        with torch.random.fork_rng(devices=[]):  # leave the global stream alone: GPT.init_weights draws its seed next
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise the adapter only (see `init_std`); the base weights are left alone."""
+        if self.lora_A.is_meta:
+            return
+        for leaf in LORA_PARAMS:
+            param, std = getattr(self, leaf), self.init_std(leaf)
+            if std:
+                param.normal_(0.0, std)
+            else:
+                param.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
+
+
+class LoRALinear(_LowRank, nn.Linear):
     """An nn.Linear plus a rank-r update: y = x W^T + b + scale * dropout(x) A^T B^T, scale = alpha / r.
 
     Built around an existing layer (its `weight` and `bias` parameters are taken over, not copied), so names and
@@ -57,21 +84,8 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        with torch.random.fork_rng(devices=[]):  # leave the global stream alone: GPT.init_weights draws its seed next
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """(Re)initialise the adapter only: A ~ normal(0, `lora_a_std(in)`), B = 0. The base is left alone."""
-        if self.lora_A.is_meta:
-            return
-        self.lora_A.normal_(0.0, self.init_std("lora_A"))
-        self.lora_B.zero_()
+        self._add_adapter(base.weight, self.in_features, self.out_features, r, alpha)
 
     def init_std(self, leaf: str) -> float:
         """Std of the zero-mean normal that initialises adapter parameter `leaf` ("lora_A" / "lora_B"); 0 = zeros."""
@@ -82,9 +96,6 @@ class LoRALinear(nn.Linear):
         base = nn.functional.linear(x, self.weight, self.bias)
         down = nn.functional.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
         return base + nn.functional.linear(down, self.lora_B) * self.scale
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
 
 
 def lora_a_std(in_features: int) -> float:
@@ -98,7 +109,7 @@ def lora_a_std(in_features: int) -> float:
 LORA_EMBEDDING_B_STD = 1.0
 
 
-class LoRAEmbedding(nn.Embedding):
+class LoRAEmbedding(_LowRank, nn.Embedding):
     """An nn.Embedding plus a rank-r update of its rows: row t = W[t] + scale * B A[:, t], scale = alpha / r.
 
     A (r, V) starts at zero and B (D, r) Gaussian with std `LORA_EMBEDDING_B_STD`: PEFT's layout for embeddings
@@ -113,20 +124,7 @@ class LoRAEmbedding(nn.Embedding):
         self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
         self.scale_grad_by_freq, self.sparse = False, False
         self.weight = base.weight
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=w.device, dtype=w.dtype))
-        with torch.random.fork_rng(devices=[]):  # leave the global stream alone: GPT.init_weights draws its seed next
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """(Re)initialise the adapter only: A = 0, B ~ normal(0, LORA_EMBEDDING_B_STD). The base is left alone."""
-        if self.lora_A.is_meta:
-            return
-        self.lora_A.zero_()
-        self.lora_B.normal_(0.0, self.init_std("lora_B"))
+        self._add_adapter(base.weight, self.num_embeddings, self.embedding_dim, r, alpha)
 
     def init_std(self, leaf: str) -> float:
         """Std of the zero-mean normal that initialises adapter parameter `leaf` ("lora_A" / "lora_B"); 0 = zeros."""
@@ -141,9 +139,6 @@ class LoRAEmbedding(nn.Embedding):
         base = nn.functional.embedding(ids, self.weight)
         codes = nn.functional.embedding(ids, self.lora_A.t())  # (..., r): each token's own adapter coordinates
         return base + nn.functional.linear(codes, self.lora_B) * self.scale
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
