@@ -552,6 +552,18 @@ def validate(cfg: Config) -> None:
     _grad_accum_steps(cfg, 1)
 
 
+# Other tools' names (Hugging Face GPT-2 / PEFT, Llama-style) for the layers of LORA_TARGETS, for did-you-mean hints.
+LORA_TARGET_SYNONYMS = {"c_attn": "qkv", "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query_key_value": "qkv",
+                        "o_proj": "attn_proj", "c_fc": "mlp_fc", "up_proj": "mlp_fc", "down_proj": "mlp_proj",
+                        "embed": "wte", "embedding": "wte", "embeddings": "wte", "embed_tokens": "wte",
+                        "tok_embeddings": "wte", "lm": "lm_head", "head": "lm_head"}
+
+
+def _closest_target(name: str) -> str:
+    synonym = LORA_TARGET_SYNONYMS.get(name.strip().lower())
+    return f"; did you mean '{synonym}'?" if synonym else _closest(name, LORA_TARGETS)
+
+
 def _validate_lora(m: ModelConfig, t: TrainConfig) -> None:
     _check(m.lora_r >= 0, f"model.lora_r must be >= 0 (0: no LoRA adapters), got {m.lora_r}")
     if not m.lora_r:
@@ -562,7 +574,7 @@ def _validate_lora(m: ModelConfig, t: TrainConfig) -> None:
     _check(0.0 <= m.lora_dropout < 1.0, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
     names = m.lora_target_names()
     unknown = [n for n in names if n not in LORA_TARGETS]
-    _check(not unknown, f"model.lora_targets: unknown target {unknown[0]!r}{_closest(unknown[0], LORA_TARGETS)} "
+    _check(not unknown, f"model.lora_targets: unknown target {unknown[0]!r}{_closest_target(unknown[0])} "
            f"(allowed: {', '.join(LORA_TARGETS)})" if unknown else "")
     _check(bool(names), f"model.lora_targets={m.lora_targets!r} matches no layer (allowed: {', '.join(LORA_TARGETS)})")
     _check(len(set(names)) == len(names), f"model.lora_targets={m.lora_targets!r} names a target twice")
@@ -588,6 +600,10 @@ def advisories(cfg: Config) -> list[str]:
     if t.eval_interval > t.max_steps:
         notes.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps={t.max_steps}: validation runs "
                      "only at the last step")
+    m, defaults = cfg.model, ModelConfig()
+    if not m.lora_r and any(getattr(m, f) != getattr(defaults, f) for f in ("lora_alpha", "lora_dropout", "lora_targets")):
+        notes.append(f"model.lora_r=0, so no LoRA adapters are added and model.lora_targets={m.lora_targets!r} (and "
+                     "lora_alpha, lora_dropout) are ignored: every parameter trains; set --lora_r 8 (say) for LoRA")
     return notes
 
 

@@ -182,6 +182,8 @@ def test_counts_r8_on_qkv_is_a_small_fraction():
 
 @pytest.mark.parametrize("change, message", [
     ({"lora_targets": "qkv,attn_out"}, r"unknown target 'attn_out'; did you mean 'attn_proj'\? \(allowed: qkv, "),
+    ({"lora_targets": "embed"}, r"unknown target 'embed'; did you mean 'wte'\?"),
+    ({"lora_targets": "c_attn,c_fc"}, r"unknown target 'c_attn'; did you mean 'qkv'\?"),
     ({"lora_targets": " , "}, "matches no layer"),
     ({"lora_targets": "qkv,qkv"}, "names a target twice"),
     ({"lora_r": -1}, "lora_r must be >= 0"),
@@ -199,6 +201,15 @@ def test_config_errors(tiny_cfg, change, message):
 
 def test_lora_fields_are_ignored_without_rank(tiny_cfg):
     validate(Config(model=dataclasses.replace(tiny_cfg, attention_pattern="dense,local", lora_targets="nope")))
+
+
+def test_lora_targets_without_rank_are_flagged():
+    from gptforge.config import advisories, load_config
+
+    notes = advisories(load_config(preset="debug", overrides=[("lora_targets", "qkv,wte"), ("max_steps", "10")]))
+    assert len(notes) == 1 and "model.lora_r=0, so no LoRA adapters are added" in notes[0] and "'qkv,wte'" in notes[0]
+    assert advisories(load_config(preset="debug", overrides=[("lora_targets", "qkv,wte"), ("lora_r", "4"),
+                                                              ("max_steps", "10")])) == []
 
 
 def test_adapter_files_are_small_and_carry_the_base_checksum(tiny_cfg, tmp_path):

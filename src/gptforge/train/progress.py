@@ -60,7 +60,7 @@ def _announce(run: Run, full_accum: int, micro_seqs: int, fpt: float) -> PeakFlo
     peak = PeakFlops.given(t.peak_flops) if t.peak_flops else PeakFlops.for_device(info.device, dtype)
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     total = run.model.num_parameters()
-    params = f"{total / 1e6:.2f}M parameters" + (f" ({trainable / 1e6:.2f}M trainable)" if trainable != total else "")
+    params = f"{total / 1e6:.2f}M parameters" + (f" ({trainable:,} trainable)" if trainable != total else "")
     batch = (f"{full_accum * micro_seqs * run.cfg.model.context_length} tokens" if run.task.fixed_shape
              else f"{full_accum * micro_seqs} sequences")
     print0(f"{run.task.name}: {params}, {fpt / 1e6:.1f} MFLOPs/token; device {info.device} x {info.world_size}; "
