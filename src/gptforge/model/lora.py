@@ -91,6 +91,10 @@ class LoRALinear(_LowRank, nn.Linear):
         """Std of the zero-mean normal that initialises adapter parameter `leaf` ("lora_A" / "lora_B"); 0 = zeros."""
         return lora_a_std(self.in_features) if leaf == "lora_A" else 0.0
 
+    def delta(self) -> torch.Tensor:
+        """The update of the weight, scale * B A: (out, in) in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
         base = nn.functional.linear(x, self.weight, self.bias)
@@ -338,8 +342,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
 
 @torch.no_grad()
 def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's weights with every adapter folded in: W + (alpha / r) * B @ A (an embedding: its
-    `delta`), in float32 on CPU.
+    """The plain model's weights with every adapter folded in (W + each adapter's `delta`), float32 on CPU.
 
     Raises:
         GptforgeError: the head is adapted (it shares its matrix with the token embedding, so folding an update
@@ -357,10 +360,7 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
                             "change the logits; use the adapter unmerged (or its PEFT export), or train without wte")
     state = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            delta = (module.lora_B.float() @ module.lora_A.float()) * module.scale  # (out, in)
-            state[f"{name}.weight"] = module.weight.detach().float().cpu() + delta.cpu()
-        elif isinstance(module, LoRAEmbedding):
+        if isinstance(module, _LowRank):  # weight (out, in) or an embedding's table (V, D), plus its delta
             state[f"{name}.weight"] = module.weight.detach().float().cpu() + module.delta().detach().cpu()
     for name, p in _clean_params(model):
         if not is_adapter_param(name) and name not in state:
