@@ -165,7 +165,8 @@ def test_classification_files_and_labels(tmp_path):
 def test_bad_classification_files(tmp_path):
     tsv = tmp_path / "t.tsv"
     tsv.write_text("sentence\tlabel\nok\t1\nno label\n", encoding="utf-8")
-    with pytest.raises(GptforgeError, match=r"t.tsv:3: missing field 'label'"):
+    with pytest.raises(GptforgeError, match=r"t.tsv:3: missing field 'label' \(the row has fewer columns than the "
+                                            r"header\)"):
         read_classification(tsv)
     tsv.write_text("sentence\tlabel\nok\t1\n\t0\n", encoding="utf-8")
     with pytest.raises(GptforgeError, match=r"t.tsv:3: field 'sentence' is empty"):

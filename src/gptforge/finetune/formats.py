@@ -205,8 +205,9 @@ def read_classification(path: str | Path, *, text_field: str = "", label_field: 
     examples = []
     for line, obj in rows:
         for name in (text_field, label_field):
-            if obj.get(name) is None:
-                raise GptforgeError(f"{path}:{line}: missing field '{name}' (has {', '.join(sorted(obj))})")
+            if obj.get(name) is None:  # absent from a JSON object, or a table row shorter than its header
+                why = "the row has fewer columns than the header" if name in obj else f"has {', '.join(sorted(obj))}"
+                raise GptforgeError(f"{path}:{line}: missing field '{name}' ({why})")
         label = obj[label_field]
         label = str(label).strip() if isinstance(label, (str, int)) and not isinstance(label, bool) else None
         if not label:
